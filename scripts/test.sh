@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test of tensorbus on a fresh machine: installs what is missing, then lint, unit,
+# property and multi-process tests, then a smoke run of the benchmarks (no timings asserted).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pkg in pkg-config libzmq3-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+nice cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+nice cargo test --workspace --locked
+echo "== benchmark smoke run"
+nice cargo run --release --locked --bin tensorbus -- bench planner --iters 1 >/dev/null
+echo "== all tests passed"
