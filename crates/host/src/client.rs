@@ -1,0 +1,320 @@
+//! The worker-side client: `TensorBusClient` and `BatchHandler`, with the reference API's methods
+//! and semantics. Each command gets its own named semaphore; the agent stores the command's result
+//! in the state store before posting it. While waiting, the client watches the agent's heartbeat,
+//! so a dead agent is reported within about a second, not at the timeout.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tensorbus_planner::Placement;
+use tensorbus_protocol::host::{
+    CleanupBatch, Command, CommandResult, InitPair, QueryStatus, RegisterTensors, Transfer, TransferType,
+};
+use tensorbus_protocol::payload::{MeshPayload, PlacementsPayload, TensorDesc};
+
+use crate::keys::{self, Heartbeat};
+use crate::sem::Semaphore;
+use crate::store::{CommandQueue, StateStore};
+use crate::{bootstrap, HostError, HEARTBEAT_STALE};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A semaphore name unique to this process and call: `/tb-{command_type}-{context_id}-{pid}-{n}`.
+pub fn generate_semaphore_name(command_type: &str, context_id: &str) -> String {
+    let clean = |s: &str, max: usize| -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).take(max).collect()
+    };
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("/tb-{}-{}-{}-{n}", clean(command_type, 32), clean(context_id, 160), std::process::id())
+}
+
+struct Inner {
+    agent_rank: usize,
+    queue: CommandQueue,
+    state: StateStore,
+}
+
+impl Inner {
+    /// Checks the agent's heartbeat: fresh and from a live process.
+    fn check_alive(&self) -> Result<Heartbeat, HostError> {
+        let hb = self
+            .state
+            .get(keys::HEARTBEAT)?
+            .and_then(|b| Heartbeat::decode(&b))
+            .ok_or_else(|| HostError::NoAgent(format!("agent {} has no heartbeat", self.agent_rank)))?;
+        let age = keys::unix_now() - hb.time;
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let exists = unsafe { libc::kill(hb.pid as libc::pid_t, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !hb.alive || !exists || age > HEARTBEAT_STALE.as_secs_f64() {
+            return Err(HostError::AgentDied {
+                node_id: hb.node_id,
+                pid: hb.pid,
+                reason: if !hb.alive {
+                    "it shut down".into()
+                } else if !exists {
+                    "its process is gone".into()
+                } else {
+                    format!("its heartbeat is {age:.1} s old")
+                },
+            });
+        }
+        Ok(hb)
+    }
+
+    fn submit(self: &Arc<Self>, cmd: Command, sem_name: String, timeout: Duration) -> Result<Pending, HostError> {
+        self.check_alive()?;
+        let sem = Semaphore::create(&sem_name, 0)?;
+        let what = format!("{} on agent {}", cmd.type_name(), self.agent_rank);
+        self.queue.enqueue(&cmd.encode(), timeout)?;
+        Ok(Pending { inner: self.clone(), sem, what, result: None })
+    }
+}
+
+/// A command in flight: wait on it now or later. Like the reference's semaphore, it can be waited
+/// on with a timeout; unlike it, waiting also reports the command's outcome.
+pub struct Pending {
+    inner: Arc<Inner>,
+    sem: Semaphore,
+    what: String,
+    result: Option<CommandResult>,
+}
+
+impl Pending {
+    /// The semaphore's name (what the agent posts).
+    pub fn name(&self) -> &str {
+        self.sem.name()
+    }
+
+    /// Waits up to `timeout` for the command; returns its result value, or its error.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Option<bool>, HostError> {
+        if let Some(r) = &self.result {
+            return Ok(r.value);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let slice = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+            if self.sem.wait_timeout(slice)? {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(HostError::Timeout { what: self.what.clone(), after: timeout });
+            }
+            self.inner.check_alive()?;
+        }
+        let key = keys::command_result(self.sem.name());
+        let bytes = self.inner.state.get(&key)?.ok_or_else(|| {
+            HostError::Protocol(tensorbus_protocol::ProtocolError::BadPayload(format!(
+                "{}: no result stored",
+                self.what
+            )))
+        })?;
+        let _ = self.inner.state.delete(&key);
+        let r = CommandResult::decode(&bytes)?;
+        if let Some(e) = &r.error {
+            return Err(HostError::Remote(e.clone()));
+        }
+        let v = r.value;
+        self.result = Some(r);
+        Ok(v)
+    }
+
+    /// True once the command completed (successfully or not) without blocking.
+    pub fn is_done(&self) -> bool {
+        self.result.is_some()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        Semaphore::unlink(self.sem.name());
+    }
+}
+
+/// A worker's connection to its agent.
+pub struct TensorBusClient {
+    inner: Arc<Inner>,
+    pub agent_rank: usize,
+}
+
+impl TensorBusClient {
+    /// Connects to agent `agent_rank` (default paths unless given), waiting up to
+    /// `connection_timeout` for it to be alive.
+    pub fn new(
+        agent_rank: usize,
+        command_queue_path: Option<&Path>,
+        state_path: Option<&Path>,
+        connection_timeout: Duration,
+    ) -> Result<Self, HostError> {
+        let qp = command_queue_path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| bootstrap::default_command_queue_path(agent_rank));
+        let sp = state_path.map(Path::to_path_buf).unwrap_or_else(|| bootstrap::default_state_path(agent_rank));
+        let deadline = Instant::now() + connection_timeout;
+        loop {
+            let attempt = (|| {
+                let inner = Inner { agent_rank, queue: CommandQueue::open(&qp)?, state: StateStore::open(&sp)? };
+                inner.check_alive()?;
+                Ok::<_, HostError>(inner)
+            })();
+            match attempt {
+                Ok(inner) => return Ok(TensorBusClient { inner: Arc::new(inner), agent_rank }),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(HostError::NoAgent(format!(
+                        "no live agent {agent_rank} at {} after {:.1} s: {e}",
+                        qp.display(),
+                        connection_timeout.as_secs_f64()
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// The agent's pid (for [`bootstrap::setup_ptrace`]).
+    pub fn agent_pid(&self) -> Result<u32, HostError> {
+        Ok(self.inner.check_alive()?.pid)
+    }
+
+    fn run(&self, cmd: Command, sem: String, blocking: bool, timeout: Duration) -> Result<Pending, HostError> {
+        let mut p = self.inner.submit(cmd, sem, timeout)?;
+        if blocking {
+            p.wait(timeout)?;
+        }
+        Ok(p)
+    }
+
+    /// Registers this rank for a pair and (when blocking) waits until every rank of both sides
+    /// has, and the pair is matched. `mesh` is this side's mesh shape and this worker's rank in it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn init_pair(
+        &self,
+        pair_name: &str,
+        local_name: &str,
+        remote_name: &str,
+        expected_world_size: usize,
+        mesh: Option<(Vec<usize>, usize)>,
+        placements: Option<&[Placement]>,
+        blocking: bool,
+        timeout: Duration,
+    ) -> Result<Pending, HostError> {
+        let sem = generate_semaphore_name("InitPair", pair_name);
+        let cmd = Command::InitPair(InitPair {
+            pair_name: pair_name.into(),
+            local_name: local_name.into(),
+            remote_name: remote_name.into(),
+            expected_world_size: expected_world_size as u64,
+            mesh_shape_payload: mesh.map(|(s, r)| MeshPayload::new(s, r).encode().into()),
+            placements_payload: placements.map(|p| PlacementsPayload::new(p).encode().into()),
+            timestamp: Some(keys::unix_now()),
+            semaphore_name: Some(sem.clone()),
+        });
+        self.run(cmd, sem, blocking, timeout)
+    }
+
+    /// Registers tensors (local shards) across pairs under `batch_id`; blocks until both sides have
+    /// registered the batch and their shapes and dtypes agree.
+    pub fn register_tensors(
+        &self,
+        batch_id: &str,
+        tensors: &[(TensorDesc, &str)],
+        bucket_size: Option<u64>,
+        timeout: Duration,
+    ) -> Result<BatchHandler, HostError> {
+        let sem = generate_semaphore_name("RegisterTensors", batch_id);
+        let cmd = Command::RegisterTensors(RegisterTensors {
+            batch_id: batch_id.into(),
+            tensors: tensors.iter().map(|(d, p)| (p.to_string(), d.encode().into())).collect(),
+            bucket_size,
+            timestamp: Some(keys::unix_now()),
+            semaphore_name: Some(sem.clone()),
+        });
+        self.run(cmd, sem, true, timeout)?;
+        let mut pair_names: Vec<String> = tensors.iter().map(|(_, p)| p.to_string()).collect();
+        pair_names.dedup();
+        Ok(BatchHandler {
+            client: TensorBusClient { inner: self.inner.clone(), agent_rank: self.agent_rank },
+            batch_id: batch_id.into(),
+            pair_names,
+        })
+    }
+
+    /// Sends or receives every tensor of the batch. Non-blocking by default: wait on the result.
+    pub fn transfer(
+        &self,
+        batch_id: &str,
+        transfer_type: TransferType,
+        blocking: bool,
+        timeout: Duration,
+    ) -> Result<Pending, HostError> {
+        let sem = generate_semaphore_name("Transfer", batch_id);
+        let cmd = Command::Transfer(Transfer {
+            batch_id: batch_id.into(),
+            transfer_type,
+            timestamp: Some(keys::unix_now()),
+            semaphore_name: Some(sem.clone()),
+        });
+        self.run(cmd, sem, blocking, timeout)
+    }
+
+    /// Whether the sending side has finished its latest transfer of the batch.
+    pub fn query_transfer_signal(&self, batch_id: &str, timeout: Duration) -> Result<bool, HostError> {
+        let sem = generate_semaphore_name("QueryStatus", batch_id);
+        let cmd = Command::QueryStatus(QueryStatus {
+            batch_id: batch_id.into(),
+            state_name: "transfer_signal".into(),
+            timestamp: Some(keys::unix_now()),
+            semaphore_name: Some(sem.clone()),
+        });
+        let mut p = self.run(cmd, sem, true, timeout)?;
+        Ok(p.wait(timeout)?.unwrap_or(false))
+    }
+
+    /// Releases everything the agent holds for the batch; the id becomes reusable.
+    pub fn cleanup_batch(&self, batch_id: &str, timeout: Duration) -> Result<(), HostError> {
+        let sem = generate_semaphore_name("CleanupBatch", batch_id);
+        let cmd = Command::CleanupBatch(CleanupBatch {
+            batch_id: batch_id.into(),
+            timestamp: Some(keys::unix_now()),
+            semaphore_name: Some(sem.clone()),
+        });
+        self.run(cmd, sem, true, timeout).map(|_| ())
+    }
+
+    /// Sends raw bytes as a command (for tools and tests of malformed input).
+    pub fn submit_raw(&self, bytes: &[u8], timeout: Duration) -> Result<(), HostError> {
+        self.inner.check_alive()?;
+        self.inner.queue.enqueue(bytes, timeout)
+    }
+
+    /// Closes the connection (the agent keeps running).
+    pub fn close(self) {}
+}
+
+/// A registered batch: transfer it repeatedly, query it, release it.
+pub struct BatchHandler {
+    client: TensorBusClient,
+    pub batch_id: String,
+    pub pair_names: Vec<String>,
+}
+
+impl BatchHandler {
+    pub fn transfer(
+        &self,
+        transfer_type: TransferType,
+        blocking: bool,
+        timeout: Duration,
+    ) -> Result<Pending, HostError> {
+        self.client.transfer(&self.batch_id, transfer_type, blocking, timeout)
+    }
+
+    pub fn query_transfer_signal(&self, timeout: Duration) -> Result<bool, HostError> {
+        self.client.query_transfer_signal(&self.batch_id, timeout)
+    }
+
+    pub fn close(self, timeout: Duration) -> Result<(), HostError> {
+        self.client.cleanup_batch(&self.batch_id, timeout)
+    }
+}

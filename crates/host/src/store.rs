@@ -1,0 +1,229 @@
+//! The LMDB files an agent owns: the bounded command queue (many producers, one consumer) and the
+//! state store (pair and batch states, per-command results, the heartbeat).
+
+use heed::types::Bytes;
+use heed::{Database, Env, EnvFlags, EnvOpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::sem::Semaphore;
+use crate::HostError;
+
+const MAP_SIZE: usize = 1 << 30;
+
+fn open_env(path: &Path, create: bool) -> Result<(Env, Database<Bytes, Bytes>), HostError> {
+    if !create && !path.exists() {
+        return Err(HostError::NoAgent(format!("{} does not exist (is the agent running?)", path.display())));
+    }
+    let lmdb = |e: heed::Error| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() };
+    let mut opts = EnvOpenOptions::new();
+    opts.map_size(MAP_SIZE).max_dbs(1);
+    // SAFETY: NO_SUB_DIR only changes the file layout; the env is opened once per path per process
+    // by this crate's callers.
+    let env = unsafe {
+        opts.flags(EnvFlags::NO_SUB_DIR);
+        opts.open(path)
+    }
+    .map_err(lmdb)?;
+    let mut w = env.write_txn().map_err(lmdb)?;
+    let db: Database<Bytes, Bytes> = env.create_database(&mut w, None).map_err(lmdb)?;
+    w.commit().map_err(lmdb)?;
+    Ok((env, db))
+}
+
+fn remove_env_files(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let mut lock = path.as_os_str().to_owned();
+    lock.push("-lock");
+    let _ = std::fs::remove_file(PathBuf::from(lock));
+}
+
+/// Semaphore names for a queue path: unique per path, valid as POSIX names.
+fn sem_names(path: &Path) -> (String, String) {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.as_os_str().as_encoded_bytes() {
+        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    (format!("/tensorbus-q{h:016x}-items"), format!("/tensorbus-q{h:016x}-free"))
+}
+
+fn u64_at(db: &Database<Bytes, Bytes>, txn: &heed::RoTxn, key: &str) -> Result<u64, heed::Error> {
+    Ok(db.get(txn, key.as_bytes())?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0))
+}
+
+/// The command queue: a circular buffer of `capacity` slots in LMDB, with two counting semaphores
+/// (`items` wakes the consumer, `free` bounds the producers). Each enqueue and dequeue is one LMDB
+/// transaction, so a producer killed mid-enqueue leaves either a whole command or none.
+pub struct CommandQueue {
+    path: PathBuf,
+    env: Env,
+    db: Database<Bytes, Bytes>,
+    items: Semaphore,
+    free: Semaphore,
+    capacity: u64,
+}
+
+impl CommandQueue {
+    /// Creates the queue for a consumer (the agent), replacing stale files and semaphores.
+    pub fn create(path: &Path, capacity: u64) -> Result<Self, HostError> {
+        remove_env_files(path);
+        let (env, db) = open_env(path, true)?;
+        let lmdb = |e: heed::Error| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() };
+        let mut w = env.write_txn().map_err(lmdb)?;
+        db.put(&mut w, b"capacity", &capacity.to_le_bytes()).map_err(lmdb)?;
+        db.put(&mut w, b"head", &0u64.to_le_bytes()).map_err(lmdb)?;
+        db.put(&mut w, b"tail", &0u64.to_le_bytes()).map_err(lmdb)?;
+        w.commit().map_err(lmdb)?;
+        let (items, free) = sem_names(path);
+        let items = Semaphore::recreate(&items, 0)?;
+        let free = Semaphore::recreate(&free, capacity as u32)?;
+        Ok(CommandQueue { path: path.to_path_buf(), env, db, items, free, capacity })
+    }
+
+    /// Opens an existing queue as a producer.
+    pub fn open(path: &Path) -> Result<Self, HostError> {
+        let (env, db) = open_env(path, false)?;
+        let r = env.read_txn().map_err(|e| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() })?;
+        let capacity = u64_at(&db, &r, "capacity").unwrap_or(0);
+        drop(r);
+        if capacity == 0 {
+            return Err(HostError::NoAgent(format!("{} is not an initialized command queue", path.display())));
+        }
+        let (items, free) = sem_names(path);
+        let no_agent = |e| HostError::NoAgent(format!("command queue semaphores for {}: {e}", path.display()));
+        let items = Semaphore::open(&items).map_err(no_agent)?;
+        let free = Semaphore::open(&free).map_err(no_agent)?;
+        Ok(CommandQueue { path: path.to_path_buf(), env, db, items, free, capacity })
+    }
+
+    fn lmdb(&self, e: heed::Error) -> HostError {
+        HostError::Lmdb { path: self.path.clone(), message: e.to_string() }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Appends one command, waiting up to `timeout` for a free slot.
+    pub fn enqueue(&self, bytes: &[u8], timeout: Duration) -> Result<(), HostError> {
+        if !self.free.wait_timeout(timeout)? {
+            return Err(HostError::QueueFull { capacity: self.capacity, waited: timeout });
+        }
+        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(&self.db, &w, "tail").map_err(|e| self.lmdb(e))?;
+        let slot = format!("slot:{}", tail % self.capacity);
+        self.db.put(&mut w, slot.as_bytes(), bytes).map_err(|e| self.lmdb(e))?;
+        self.db.put(&mut w, b"tail", &(tail + 1).to_le_bytes()).map_err(|e| self.lmdb(e))?;
+        w.commit().map_err(|e| self.lmdb(e))?;
+        self.items.post()
+    }
+
+    /// Takes the oldest command, waiting up to `timeout` for one. The semaphore only wakes the
+    /// consumer; head and tail in LMDB are the truth, so a producer that died between its commit
+    /// and its post loses nothing (its command is taken on the next wake-up).
+    pub fn dequeue(&self, timeout: Duration) -> Result<Option<Vec<u8>>, HostError> {
+        let woke = self.items.wait_timeout(timeout)?;
+        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
+        let head = u64_at(&self.db, &w, "head").map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(&self.db, &w, "tail").map_err(|e| self.lmdb(e))?;
+        if head >= tail {
+            return Ok(None);
+        }
+        // When `woke` is false the item has no token (its producer died before posting): take it.
+        let _ = woke;
+        let slot = format!("slot:{}", head % self.capacity);
+        let v = self.db.get(&w, slot.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()).unwrap_or_default();
+        self.db.delete(&mut w, slot.as_bytes()).map_err(|e| self.lmdb(e))?;
+        self.db.put(&mut w, b"head", &(head + 1).to_le_bytes()).map_err(|e| self.lmdb(e))?;
+        w.commit().map_err(|e| self.lmdb(e))?;
+        self.free.post()?;
+        Ok(Some(v))
+    }
+
+    /// Commands waiting.
+    pub fn len(&self) -> Result<u64, HostError> {
+        let r = self.env.read_txn().map_err(|e| self.lmdb(e))?;
+        let head = u64_at(&self.db, &r, "head").map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(&self.db, &r, "tail").map_err(|e| self.lmdb(e))?;
+        Ok(tail - head)
+    }
+
+    pub fn is_empty(&self) -> Result<bool, HostError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Removes the queue's files and semaphores (the agent does this on orderly exit).
+    pub fn remove(self) {
+        let (items, free) = sem_names(&self.path);
+        Semaphore::unlink(&items);
+        Semaphore::unlink(&free);
+        let path = self.path.clone();
+        drop(self);
+        remove_env_files(&path);
+    }
+}
+
+/// The state store: string keys to msgpack values.
+pub struct StateStore {
+    path: PathBuf,
+    env: Env,
+    db: Database<Bytes, Bytes>,
+}
+
+impl StateStore {
+    /// Creates a fresh store (the agent), replacing stale files.
+    pub fn create(path: &Path) -> Result<Self, HostError> {
+        remove_env_files(path);
+        let (env, db) = open_env(path, true)?;
+        Ok(StateStore { path: path.to_path_buf(), env, db })
+    }
+
+    /// Opens an existing store (a client).
+    pub fn open(path: &Path) -> Result<Self, HostError> {
+        let (env, db) = open_env(path, false)?;
+        Ok(StateStore { path: path.to_path_buf(), env, db })
+    }
+
+    fn lmdb(&self, e: heed::Error) -> HostError {
+        HostError::Lmdb { path: self.path.clone(), message: e.to_string() }
+    }
+
+    pub fn put(&self, key: &str, value: &[u8]) -> Result<(), HostError> {
+        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
+        self.db.put(&mut w, key.as_bytes(), value).map_err(|e| self.lmdb(e))?;
+        w.commit().map_err(|e| self.lmdb(e))
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, HostError> {
+        let r = self.env.read_txn().map_err(|e| self.lmdb(e))?;
+        Ok(self.db.get(&r, key.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()))
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), HostError> {
+        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
+        self.db.delete(&mut w, key.as_bytes()).map_err(|e| self.lmdb(e))?;
+        w.commit().map_err(|e| self.lmdb(e))
+    }
+
+    /// Deletes every key starting with `prefix`.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<(), HostError> {
+        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
+        let keys: Vec<Vec<u8>> = self
+            .db
+            .prefix_iter(&w, prefix.as_bytes())
+            .map_err(|e| self.lmdb(e))?
+            .filter_map(|kv| kv.ok().map(|(k, _)| k.to_vec()))
+            .collect();
+        for k in keys {
+            self.db.delete(&mut w, &k).map_err(|e| self.lmdb(e))?;
+        }
+        w.commit().map_err(|e| self.lmdb(e))
+    }
+
+    /// Removes the store's files.
+    pub fn remove(self) {
+        let path = self.path.clone();
+        drop(self);
+        remove_env_files(&path);
+    }
+}

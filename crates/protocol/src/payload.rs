@@ -1,0 +1,162 @@
+//! Payload encodings carried inside host commands (version 1, msgpack): the mesh (shape and this
+//! worker's rank in it), the placements, and tensor descriptors.
+
+use serde::{Deserialize, Serialize};
+use tensorbus_planner::{parse_placements, DType, DeviceMesh, Layout, Placement};
+
+use crate::ProtocolError;
+
+pub const PAYLOAD_VERSION: u32 = 1;
+
+fn check_version(what: &str, v: u32) -> Result<(), ProtocolError> {
+    if v != PAYLOAD_VERSION {
+        return Err(ProtocolError::BadPayload(format!(
+            "{what} payload version {v}; this agent speaks {PAYLOAD_VERSION}"
+        )));
+    }
+    Ok(())
+}
+
+/// `mesh_shape_payload`: the mesh shape and the worker's row-major rank in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshPayload {
+    pub version: u32,
+    pub shape: Vec<usize>,
+    pub rank: usize,
+}
+
+impl MeshPayload {
+    pub fn new(shape: Vec<usize>, rank: usize) -> Self {
+        MeshPayload { version: PAYLOAD_VERSION, shape, rank }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("encodes")
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
+        let p: Self = rmp_serde::from_slice(b).map_err(|e| ProtocolError::BadPayload(format!("mesh payload: {e}")))?;
+        check_version("mesh", p.version)?;
+        Ok(p)
+    }
+}
+
+/// `placements_payload`: one placement string per mesh dim (`S(d)`, `R`, `P(op)`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementsPayload {
+    pub version: u32,
+    pub placements: Vec<String>,
+}
+
+impl PlacementsPayload {
+    pub fn new(placements: &[Placement]) -> Self {
+        PlacementsPayload { version: PAYLOAD_VERSION, placements: placements.iter().map(|p| p.to_string()).collect() }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("encodes")
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Vec<Placement>, ProtocolError> {
+        let p: Self =
+            rmp_serde::from_slice(b).map_err(|e| ProtocolError::BadPayload(format!("placements payload: {e}")))?;
+        check_version("placements", p.version)?;
+        parse_placements(&p.placements.join(",")).map_err(ProtocolError::Plan)
+    }
+}
+
+/// A layout and this rank's place in it, as exchanged between agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairSide {
+    pub local_name: String,
+    pub remote_name: String,
+    pub world_size: usize,
+    pub rank: usize,
+    pub mesh: Vec<usize>,
+    pub placements: Vec<String>,
+}
+
+impl PairSide {
+    pub fn layout(&self) -> Result<Layout, ProtocolError> {
+        let mesh = DeviceMesh::new(self.mesh.clone()).map_err(ProtocolError::Plan)?;
+        let pl = parse_placements(&self.placements.join(",")).map_err(ProtocolError::Plan)?;
+        Layout::new(mesh, pl).map_err(ProtocolError::Plan)
+    }
+}
+
+/// Where a tensor's bytes live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Memory {
+    /// A POSIX shared-memory object (`shm_open` name) at `offset`.
+    Shm { name: String, offset: u64 },
+    /// The worker's own address space: read or written with cross-memory attach.
+    Cma { pid: u32, addr: u64 },
+}
+
+/// `tensor_payload`: a worker's local shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorDesc {
+    pub version: u32,
+    /// A name for messages (optional in the payload; defaults to the position in the batch).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// torch dtype name.
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    /// Strides in elements; must be contiguous row-major.
+    pub strides: Vec<u64>,
+    pub device: String,
+    pub memory: Memory,
+    pub nbytes: u64,
+}
+
+impl TensorDesc {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("encodes")
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
+        let d: Self =
+            rmp_serde::from_slice(b).map_err(|e| ProtocolError::BadPayload(format!("tensor payload: {e}")))?;
+        check_version("tensor", d.version)?;
+        Ok(d)
+    }
+
+    pub fn dtype(&self) -> Result<DType, ProtocolError> {
+        self.dtype.parse().map_err(ProtocolError::Plan)
+    }
+
+    /// Checks internal consistency: contiguity, byte size, device.
+    pub fn validate(&self) -> Result<DType, ProtocolError> {
+        let dtype = self.dtype()?;
+        if self.device != "cpu" {
+            return Err(ProtocolError::BadPayload(format!(
+                "device {:?} is not supported by this agent (cpu only)",
+                self.device
+            )));
+        }
+        if self.strides.len() != self.shape.len() {
+            return Err(ProtocolError::BadPayload(format!(
+                "{} strides for {} dimensions",
+                self.strides.len(),
+                self.shape.len()
+            )));
+        }
+        let numel: u64 = self.shape.iter().product();
+        if numel > 1 && self.strides != tensorbus_planner::contiguous_strides(&self.shape) {
+            return Err(ProtocolError::BadPayload(format!(
+                "tensor is not contiguous (shape {:?}, strides {:?}); register a contiguous tensor",
+                self.shape, self.strides
+            )));
+        }
+        let expected = numel * dtype.size() as u64;
+        if self.nbytes != expected {
+            return Err(ProtocolError::BadPayload(format!(
+                "nbytes {} does not match shape {:?} of {} ({} bytes)",
+                self.nbytes, self.shape, dtype, expected
+            )));
+        }
+        Ok(dtype)
+    }
+}
