@@ -1,12 +1,20 @@
-//! `tensorbus`: the command-line tool.
+//! `tensorbus`: the command-line tool. Subcommands: `demo` (the main job), `agent`,
+//! `command-node`, `up`, `plan`, `bench`.
 
 mod bench;
+mod demo;
+mod launch;
+mod pattern;
 mod plan_cmd;
+mod worker;
 mod workload;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "tensorbus", version, about = "Move sharded tensors between independently launched process groups")]
@@ -17,6 +25,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the whole system on this host: command node, agents, two worker groups, a verified
+    /// resharding transfer, and its throughput next to memcpy.
+    Demo(demo::DemoArgs),
+    /// Run one agent (one per rank).
+    Agent(AgentArgs),
+    /// Run a command node.
+    CommandNode {
+        /// HOST:PORT for the inbox; the outbox is PORT+1.
+        #[arg(long, default_value = "127.0.0.1:5555")]
+        listen: String,
+    },
+    /// Start a command node and N agents on loopback at the default paths; Ctrl-C stops them all.
+    Up {
+        #[arg(long, default_value_t = 1)]
+        agents: usize,
+        #[arg(long, default_value = "127.0.0.1:5555")]
+        listen: String,
+        /// Directory for the agents' LMDB files.
+        #[arg(long, default_value = "/tmp")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        copy_threads: usize,
+    },
     /// Plan a resharding between two layouts and print the plan and its statistics.
     Plan(plan_cmd::PlanArgs),
     /// Run benchmarks and write a results table.
@@ -24,6 +55,38 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchWhat,
     },
+    /// A worker process for the demo and the tests (internal).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        spec: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Agent rank on this host (names its files: /tmp/agent_rank{N}_command.lmdb, ..._state.lmdb).
+    #[arg(long, env = "AGENT_RANK")]
+    rank: usize,
+    /// Node id in the control protocol (default agent:{rank}).
+    #[arg(long)]
+    node_id: Option<String>,
+    #[arg(long)]
+    command_queue: Option<PathBuf>,
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// The command node's inbox.
+    #[arg(long, default_value = "tcp://127.0.0.1:5555")]
+    command_inbox: String,
+    /// The command node's outbox (default: inbox port + 1).
+    #[arg(long)]
+    command_outbox: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    listen_host: String,
+    #[arg(long, default_value_t = 2)]
+    copy_threads: usize,
+    #[arg(long, default_value_t = 1024)]
+    queue_capacity: u64,
 }
 
 #[derive(Subcommand)]
@@ -39,9 +102,89 @@ enum BenchWhat {
     },
 }
 
+fn stop_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
+    stop
+}
+
+fn default_outbox(inbox: &str) -> Result<String, String> {
+    let (head, port) = inbox.rsplit_once(':').ok_or_else(|| format!("bad endpoint {inbox:?}"))?;
+    let port: u16 = port.parse().map_err(|_| format!("bad port in {inbox:?}"))?;
+    Ok(format!("{head}:{}", port + 1))
+}
+
+fn run_agent(a: AgentArgs) -> Result<(), String> {
+    let cfg = tensorbus_agent::AgentConfig {
+        rank: a.rank,
+        node_id: a.node_id.unwrap_or_else(|| format!("agent:{}", a.rank)),
+        command_queue_path: a
+            .command_queue
+            .unwrap_or_else(|| tensorbus_host::bootstrap::default_command_queue_path(a.rank)),
+        state_path: a.state.unwrap_or_else(|| tensorbus_host::bootstrap::default_state_path(a.rank)),
+        command_outbox: match a.command_outbox {
+            Some(o) => o,
+            None => default_outbox(&a.command_inbox)?,
+        },
+        command_inbox: a.command_inbox,
+        listen_host: a.listen_host,
+        copy_threads: a.copy_threads.max(1),
+        queue_capacity: a.queue_capacity.max(1),
+        join_timeout: Duration::from_secs(5),
+    };
+    tensorbus_agent::run(cfg, stop_flag()).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo and the tools print results; the daemons log.
+    let default_level = match cli.cmd {
+        Cmd::Agent(_) | Cmd::CommandNode { .. } | Cmd::Up { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TENSORBUS_LOG").unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let res = match cli.cmd {
+        Cmd::Demo(a) => match demo::run(&a) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("verification failed".to_string()),
+            Err(e) => Err(e),
+        },
+        Cmd::Agent(a) => run_agent(a),
+        Cmd::CommandNode { listen } => (|| {
+            let ctx = zmq::Context::new();
+            let (router, xpub, ep) = tensorbus_command::bind(&ctx, &listen).map_err(|e| e.to_string())?;
+            println!("command node: inbox {} outbox {}", ep.inbox, ep.outbox);
+            tensorbus_command::serve(router, xpub, &ep, stop_flag()).map_err(|e| e.to_string())
+        })(),
+        Cmd::Up { agents, listen, dir, copy_threads } => (|| {
+            let stop = stop_flag();
+            let node = launch::EmbeddedCommandNode::start(&listen)?;
+            let mut procs = launch::Agents::spawn(agents, 0, &dir, &node.endpoints, copy_threads, false)?;
+            println!(
+                "tensorbus up: command node inbox {} outbox {}; {agents} agents, files in {}",
+                node.endpoints.inbox,
+                node.endpoints.outbox,
+                dir.display()
+            );
+            println!("Ctrl-C to stop.");
+            while !stop.load(Ordering::Relaxed) {
+                if let Some((i, st)) =
+                    procs.children.iter_mut().enumerate().find_map(|(i, c)| c.try_wait().ok().flatten().map(|s| (i, s)))
+                {
+                    return Err(format!("agent {i} exited ({st}); stopping"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            procs.stop(Duration::from_secs(5));
+            Ok(())
+        })(),
         Cmd::Plan(args) => plan_cmd::run(&args),
         Cmd::Bench { what: BenchWhat::Planner { iters, out } } => {
             let rows = bench::planner(iters.max(1));
@@ -55,6 +198,7 @@ fn main() -> ExitCode {
                 None => Ok(()),
             }
         }
+        Cmd::Worker { spec } => worker::run(&spec),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

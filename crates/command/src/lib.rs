@@ -1,1 +1,114 @@
+//! # tensorbus-command
+//!
+//! The command node's I/O driver: binds the ROUTER inbox and the XPUB outbox, feeds every decoded
+//! message to the sans-IO [`Coordinator`](tensorbus_protocol::coordinator::Coordinator), and sends
+//! what it asks for. All decisions live in the coordinator; this crate only moves bytes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tensorbus_protocol::control::Message;
+use tensorbus_protocol::coordinator::{Coordinator, Outgoing};
+
+/// Why the command node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot bind {endpoint}: {source}")]
+    Bind { endpoint: String, source: zmq::Error },
+    #[error("ZeroMQ: {0}")]
+    Zmq(#[from] zmq::Error),
+    #[error("bad listen address {0:?}: use HOST:PORT (PORT 0 picks free ports)")]
+    BadListen(String),
+}
+
+/// The endpoints a running command node bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub inbox: String,
+    pub outbox: String,
+}
+
+/// Binds the inbox on `listen` (`HOST:PORT`) and the outbox on `PORT+1` (both free ports when
+/// `PORT` is 0).
+pub fn bind(ctx: &zmq::Context, listen: &str) -> Result<(zmq::Socket, zmq::Socket, Endpoints), CommandError> {
+    let (host, port) = listen.rsplit_once(':').ok_or_else(|| CommandError::BadListen(listen.into()))?;
+    let port: u16 = port.parse().map_err(|_| CommandError::BadListen(listen.into()))?;
+    let (inbox_ep, outbox_ep) = if port == 0 {
+        (format!("tcp://{host}:*"), format!("tcp://{host}:*"))
+    } else {
+        (format!("tcp://{host}:{port}"), format!("tcp://{host}:{}", port + 1))
+    };
+    let router = ctx.socket(zmq::ROUTER)?;
+    router.set_linger(0)?;
+    router.set_router_mandatory(true)?;
+    router.bind(&inbox_ep).map_err(|source| CommandError::Bind { endpoint: inbox_ep.clone(), source })?;
+    let xpub = ctx.socket(zmq::XPUB)?;
+    xpub.set_linger(0)?;
+    // Never drop announcements silently: a full subscriber queue blocks the (non-blocking) send,
+    // which is logged.
+    xpub.set_sndhwm(100_000)?;
+    xpub.bind(&outbox_ep).map_err(|source| CommandError::Bind { endpoint: outbox_ep.clone(), source })?;
+    let inbox = router.get_last_endpoint()?.unwrap_or(inbox_ep);
+    let outbox = xpub.get_last_endpoint()?.unwrap_or(outbox_ep);
+    Ok((router, xpub, Endpoints { inbox, outbox }))
+}
+
+/// Runs the command node on bound sockets until `stop` is set.
+pub fn serve(
+    router: zmq::Socket,
+    xpub: zmq::Socket,
+    endpoints: &Endpoints,
+    stop: Arc<AtomicBool>,
+) -> Result<(), CommandError> {
+    let mut coord = Coordinator::new("command", endpoints.inbox.clone());
+    tracing::info!(inbox = %endpoints.inbox, outbox = %endpoints.outbox, "command node started");
+    let mut ended_seen = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut items = [router.as_poll_item(zmq::POLLIN), xpub.as_poll_item(zmq::POLLIN)];
+        match zmq::poll(&mut items, 200) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if items[0].is_readable() {
+            while let Ok(frames) = router.recv_multipart(zmq::DONTWAIT) {
+                let (Some(identity), Some(last)) = (frames.first(), frames.last()) else { continue };
+                match Message::from_json(last) {
+                    Ok(m) => {
+                        if m.node_id.as_bytes() != identity.as_slice() {
+                            tracing::warn!(node = %m.node_id, "message sender differs from its connection identity");
+                        }
+                        coord.handle_message(Instant::now(), m);
+                    }
+                    Err(e) => {
+                        tracing::warn!(from = %String::from_utf8_lossy(identity), "dropped malformed message: {e}")
+                    }
+                }
+            }
+        }
+        if items[1].is_readable() {
+            while let Ok(sub) = xpub.recv_bytes(zmq::DONTWAIT) {
+                tracing::debug!(subscribe = sub.first() == Some(&1), "outbox subscription change");
+            }
+        }
+        while let Some(out) = coord.poll_outgoing() {
+            let res = match &out {
+                Outgoing::Publish(m) => {
+                    xpub.send_multipart([m.body.type_name().as_bytes(), m.to_json().as_bytes()], zmq::DONTWAIT)
+                }
+                Outgoing::To(id, m) => router.send_multipart([id.as_bytes(), m.to_json().as_bytes()], zmq::DONTWAIT),
+            };
+            if let Err(e) = res {
+                tracing::warn!("could not send {:?}: {e}", out);
+            }
+        }
+        let mut last = ended_seen;
+        for e in coord.ended().filter(|e| e.epoch >= ended_seen) {
+            tracing::info!(epoch = e.epoch, batch = %e.batch_id, seq = e.seq, nodes = e.nodes, bytes = e.bytes, "epoch ended");
+            last = last.max(e.epoch + 1);
+        }
+        ended_seen = last;
+    }
+    tracing::info!("command node stopped");
+    Ok(())
+}

@@ -174,3 +174,18 @@ impl std::fmt::Display for RemoteError {
         write!(f, "{:?} on {}: {}", self.kind, self.origin, self.message)
     }
 }
+
+#[derive(Deserialize)]
+struct Head {
+    #[serde(rename = "type", default)]
+    ty: Option<String>,
+    #[serde(default)]
+    semaphore_name: Option<String>,
+}
+
+/// The `type` and `semaphore_name` of a command that does not decode, so that the agent can still
+/// answer its sender with an error.
+pub fn decode_head(bytes: &[u8]) -> Option<(Option<String>, Option<String>)> {
+    let h: Head = rmp_serde::from_slice(bytes).ok()?;
+    Some((h.ty, h.semaphore_name))
+}

@@ -1,0 +1,1063 @@
+//! The agent's event loop and its pair / batch bookkeeping.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tensorbus_host::keys::{self, Heartbeat};
+use tensorbus_host::sem::Semaphore;
+use tensorbus_host::store::{CommandQueue, StateStore};
+use tensorbus_host::HEARTBEAT_INTERVAL;
+use tensorbus_planner::{BatchPlan, BatchTensor, DType, Layout, PairPlan, Placement, Scope, Side, TensorMeta};
+use tensorbus_protocol::control::{
+    AnnounceValue, BatchReg, Body, Epoch, ErrorValue, Event, EventKind, EventValue, IdentifyValue, Message, NodeStatus,
+    PROTOCOL_VERSION,
+};
+use tensorbus_protocol::host::{Command, CommandResult, ErrorKind, RemoteError, TransferType};
+use tensorbus_protocol::payload::{Memory, MeshPayload, PairSide, PlacementsPayload, TensorDesc};
+use tensorbus_transport::exec::{self, ExecPlan, Loc, Op};
+use tensorbus_transport::shm::ShmSegment;
+use tensorbus_transport::{cma, reduce};
+
+use crate::directory;
+use crate::AgentError;
+
+/// How an agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Agent rank on this host (names its files).
+    pub rank: usize,
+    /// Node id in the control protocol, e.g. `"agent:3"`.
+    pub node_id: String,
+    pub command_queue_path: PathBuf,
+    pub state_path: PathBuf,
+    /// The command node's inbox (ROUTER), e.g. `tcp://127.0.0.1:5555`.
+    pub command_inbox: String,
+    /// The command node's outbox (XPUB), e.g. `tcp://127.0.0.1:5556`.
+    pub command_outbox: String,
+    /// Host to bind this agent's outbox on.
+    pub listen_host: String,
+    pub copy_threads: usize,
+    pub queue_capacity: u64,
+    /// How long commands that need the command node wait for it before failing.
+    pub join_timeout: Duration,
+}
+
+struct PairState {
+    side: PairSide,
+    layout: Layout,
+    matched: bool,
+    pending: Vec<Option<String>>,
+}
+
+struct PendingTransfer {
+    seq: u64,
+    dir: TransferType,
+    sem: Option<String>,
+    epoch: Option<u64>,
+}
+
+struct BatchState {
+    reg: BatchReg,
+    ready: bool,
+    pending_register: Option<Option<String>>,
+    next_seq: u64,
+    pending: VecDeque<PendingTransfer>,
+    exec: Option<Arc<ExecPlan>>,
+    copying: bool,
+    signal: bool,
+}
+
+/// A copy thread's report.
+struct CopyDone {
+    batch: String,
+    epoch: u64,
+    result: Result<u64, String>,
+    seconds: f64,
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    state: Arc<StateStore>,
+    outbox_addr: String,
+    dealer: zmq::Socket,
+    outbox: zmq::Socket,
+    dir: AnnounceValue,
+    joined: bool,
+    last_identify: Option<Instant>,
+    unjoined_since: Instant,
+    pairs: BTreeMap<String, PairState>,
+    batches: BTreeMap<String, BatchState>,
+    segments: HashMap<String, Arc<ShmSegment>>,
+    copies: Vec<CopyDone>,
+    copy_tx: std::sync::mpsc::Sender<CopyDone>,
+    copy_rx: std::sync::mpsc::Receiver<CopyDone>,
+    ctx: zmq::Context,
+    event_id: u64,
+    status: NodeStatus,
+}
+
+#[derive(Deserialize)]
+struct CommandHead {
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    semaphore_name: Option<String>,
+}
+
+fn now_unix() -> f64 {
+    keys::unix_now()
+}
+
+/// Holds an exclusive lock on `{queue}.pid` for the agent's lifetime.
+fn lock_paths(cfg: &AgentConfig) -> Result<std::fs::File, AgentError> {
+    use std::io::{Read, Seek, Write};
+    let mut path = cfg.command_queue_path.as_os_str().to_owned();
+    path.push(".pid");
+    let path = PathBuf::from(path);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| AgentError::Io { what: format!("open {}", path.display()), source: e })?;
+    // SAFETY: flock on a valid fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        return Err(AgentError::AlreadyRunning {
+            path: cfg.command_queue_path.display().to_string(),
+            pid: pid.trim().into(),
+        });
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+/// Runs an agent until `stop` is set. Cleans up its files and semaphores on the way out.
+pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
+    let lock = lock_paths(&cfg)?;
+    let queue = Arc::new(CommandQueue::create(&cfg.command_queue_path, cfg.queue_capacity)?);
+    let state = Arc::new(StateStore::create(&cfg.state_path)?);
+    let hb =
+        |alive| Heartbeat { pid: std::process::id(), node_id: cfg.node_id.clone(), time: now_unix(), alive }.encode();
+    state.put(keys::HEARTBEAT, &hb(true))?;
+
+    let ctx = zmq::Context::new();
+    let dealer = ctx.socket(zmq::DEALER)?;
+    dealer.set_identity(cfg.node_id.as_bytes())?;
+    dealer.set_linger(0)?;
+    dealer.connect(&cfg.command_inbox)?;
+    let sub = ctx.socket(zmq::SUB)?;
+    sub.set_linger(0)?;
+    sub.connect(&cfg.command_outbox)?;
+    sub.set_subscribe(b"")?;
+    let outbox = ctx.socket(zmq::XPUB)?;
+    outbox.set_linger(0)?;
+    outbox.bind(&format!("tcp://{}:*", cfg.listen_host))?;
+    let outbox_addr = outbox.get_last_endpoint()?.unwrap_or_default();
+    let commands = ctx.socket(zmq::PULL)?;
+    let cmd_ep = format!("inproc://commands-{}", cfg.rank);
+    commands.bind(&cmd_ep)?;
+    let copy_ep = format!("inproc://copies-{}", cfg.rank);
+    let copy_pull = ctx.socket(zmq::PULL)?;
+    copy_pull.bind(&copy_ep)?;
+
+    let threads_stop = Arc::new(AtomicBool::new(false));
+    let heartbeat = {
+        let (state, stop, node_id) = (state.clone(), threads_stop.clone(), cfg.node_id.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let b = Heartbeat { pid: std::process::id(), node_id: node_id.clone(), time: now_unix(), alive: true };
+                if let Err(e) = state.put(keys::HEARTBEAT, &b.encode()) {
+                    tracing::error!("heartbeat: {e}");
+                }
+                std::thread::sleep(HEARTBEAT_INTERVAL);
+            }
+        })
+    };
+    let reader = {
+        let (queue, stop, ctx) = (queue.clone(), threads_stop.clone(), ctx.clone());
+        std::thread::spawn(move || -> Result<(), AgentError> {
+            let push = ctx.socket(zmq::PUSH)?;
+            push.connect(&cmd_ep)?;
+            while !stop.load(Ordering::Relaxed) {
+                match queue.dequeue(Duration::from_millis(200)) {
+                    Ok(Some(bytes)) => push.send(bytes, 0)?,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("command queue: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+
+    let (copy_tx, copy_rx) = std::sync::mpsc::channel();
+    let mut agent = Agent {
+        cfg: cfg.clone(),
+        state: state.clone(),
+        outbox_addr,
+        dealer,
+        outbox,
+        dir: AnnounceValue::default(),
+        joined: false,
+        last_identify: None,
+        unjoined_since: Instant::now(),
+        pairs: BTreeMap::new(),
+        batches: BTreeMap::new(),
+        segments: HashMap::new(),
+        copies: Vec::new(),
+        copy_tx,
+        copy_rx,
+        ctx: ctx.clone(),
+        event_id: 0,
+        status: NodeStatus::Waiting,
+    };
+    tracing::info!(node = %cfg.node_id, queue = %cfg.command_queue_path.display(), outbox = %agent.outbox_addr, "agent started");
+    let result = agent.main_loop(&commands, &sub, &copy_pull, &stop);
+
+    // Orderly exit: say so in the heartbeat, tell the command node, remove files and semaphores.
+    agent.status = NodeStatus::Closed;
+    let _ = agent.send_identify();
+    threads_stop.store(true, Ordering::Relaxed);
+    let _ = heartbeat.join();
+    let _ = reader.join();
+    let _ = state.put(keys::HEARTBEAT, &hb(false));
+    drop(agent);
+    if let Ok(q) = Arc::try_unwrap(queue) {
+        q.remove();
+    }
+    if let Ok(s) = Arc::try_unwrap(state) {
+        s.remove();
+    }
+    let mut pid = cfg.command_queue_path.as_os_str().to_owned();
+    pid.push(".pid");
+    let _ = std::fs::remove_file(PathBuf::from(pid));
+    drop(lock);
+    tracing::info!(node = %cfg.node_id, "agent stopped");
+    result
+}
+
+fn value_err(origin: &str, msg: impl Into<String>) -> RemoteError {
+    RemoteError { kind: ErrorKind::ValueError, message: msg.into(), origin: origin.into() }
+}
+
+impl Agent {
+    fn main_loop(
+        &mut self,
+        commands: &zmq::Socket,
+        sub: &zmq::Socket,
+        copy_pull: &zmq::Socket,
+        stop: &AtomicBool,
+    ) -> Result<(), AgentError> {
+        self.send_identify()?;
+        while !stop.load(Ordering::Relaxed) {
+            let mut items = [
+                commands.as_poll_item(zmq::POLLIN),
+                sub.as_poll_item(zmq::POLLIN),
+                self.dealer.as_poll_item(zmq::POLLIN),
+                copy_pull.as_poll_item(zmq::POLLIN),
+                self.outbox.as_poll_item(zmq::POLLIN),
+            ];
+            match zmq::poll(&mut items, 100) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ready: Vec<bool> = items.iter().map(|i| i.is_readable()).collect();
+            if ready[0] {
+                while let Ok(bytes) = commands.recv_bytes(zmq::DONTWAIT) {
+                    self.handle_command(&bytes);
+                }
+            }
+            let mut msgs = Vec::new();
+            for (i, sock) in [(1, sub), (2, &self.dealer)] {
+                if ready[i] {
+                    while let Ok(frames) = sock.recv_multipart(zmq::DONTWAIT) {
+                        msgs.push(frames);
+                    }
+                }
+            }
+            for frames in msgs {
+                let Some(last) = frames.last() else { continue };
+                match Message::from_json(last) {
+                    Ok(m) => self.handle_control(m),
+                    Err(e) => tracing::warn!("dropped control message: {e}"),
+                }
+            }
+            if ready[3] {
+                while copy_pull.recv_bytes(zmq::DONTWAIT).is_ok() {}
+                while let Ok(done) = self.copy_rx.try_recv() {
+                    self.copies.push(done);
+                }
+                for done in std::mem::take(&mut self.copies) {
+                    self.copy_finished(done);
+                }
+            }
+            if ready[4] {
+                // Subscriptions to our outbox; nothing to do but drain them.
+                while self.outbox.recv_bytes(zmq::DONTWAIT).is_ok() {}
+            }
+            self.tick()?;
+        }
+        Ok(())
+    }
+
+    /// Timers: re-identify until the command node has us in its directory; give up on commands
+    /// that need a command node that is not answering.
+    fn tick(&mut self) -> Result<(), AgentError> {
+        if !self.joined {
+            if self.last_identify.is_none_or(|t| t.elapsed() > Duration::from_millis(250)) {
+                self.send_identify()?;
+            }
+            if self.unjoined_since.elapsed() > self.cfg.join_timeout {
+                let err = RemoteError {
+                    kind: ErrorKind::ConnectionError,
+                    message: format!(
+                        "the command node at {} has not answered for {:.1} s",
+                        self.cfg.command_inbox,
+                        self.unjoined_since.elapsed().as_secs_f64()
+                    ),
+                    origin: self.cfg.node_id.clone(),
+                };
+                self.fail_waiting(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails every command waiting on the control plane.
+    fn fail_waiting(&mut self, err: RemoteError) {
+        let mut sems = Vec::new();
+        for p in self.pairs.values_mut() {
+            sems.append(&mut p.pending);
+        }
+        for b in self.batches.values_mut() {
+            sems.extend(b.pending_register.take());
+            sems.extend(b.pending.drain(..).map(|p| p.sem));
+        }
+        for s in sems {
+            self.complete(s.as_deref(), CommandResult::err(err.clone()));
+        }
+    }
+
+    fn identify_value(&self) -> IdentifyValue {
+        IdentifyValue {
+            node_id: self.cfg.node_id.clone(),
+            outbox: self.outbox_addr.clone(),
+            status: self.status,
+            signals: Vec::new(),
+            slots: Vec::new(),
+            protocol: PROTOCOL_VERSION,
+            host: hostname(),
+            pid: std::process::id(),
+            pairs: self.pairs.iter().map(|(k, p)| (k.clone(), p.side.clone())).collect(),
+            batches: self.batches.iter().map(|(k, b)| (k.clone(), b.reg.clone())).collect(),
+        }
+    }
+
+    fn send(&self, body: Body) -> Result<(), AgentError> {
+        let m = Message::new(&self.cfg.node_id, body);
+        self.dealer.send(m.to_json().as_bytes(), zmq::DONTWAIT)?;
+        Ok(())
+    }
+
+    fn send_identify(&mut self) -> Result<(), AgentError> {
+        if self.joined {
+            self.unjoined_since = Instant::now();
+        }
+        self.joined = false;
+        self.last_identify = Some(Instant::now());
+        self.send(Body::Identify(self.identify_value()))
+    }
+
+    /// Writes the result, then posts the command's semaphore.
+    fn complete(&self, sem: Option<&str>, result: CommandResult) {
+        if let Some(e) = &result.error {
+            tracing::warn!(node = %self.cfg.node_id, "command failed: {}", e.message);
+        }
+        let Some(sem) = sem else { return };
+        if let Err(e) = self.state.put(&keys::command_result(sem), &result.encode()) {
+            tracing::error!("storing result for {sem}: {e}");
+            return;
+        }
+        match Semaphore::open(sem) {
+            Ok(s) => {
+                let _ = s.post();
+            }
+            Err(e) => tracing::warn!("client semaphore {sem} is gone (client gave up?): {e}"),
+        }
+    }
+
+    fn handle_command(&mut self, bytes: &[u8]) {
+        let cmd = match Command::decode(bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                let head: Option<CommandHead> = rmp_serde_head(bytes);
+                let (ty, sem) = head.map(|h| (h.ty, h.semaphore_name)).unwrap_or((None, None));
+                let msg = match ty {
+                    Some(t)
+                        if !["InitPair", "RegisterTensors", "Transfer", "QueryStatus", "CleanupBatch"]
+                            .contains(&t.as_str()) =>
+                    {
+                        format!("unknown command type {t:?}")
+                    }
+                    _ => e.to_string(),
+                };
+                tracing::warn!("refused command: {msg}");
+                self.complete(sem.as_deref(), CommandResult::err(value_err(&self.cfg.node_id, msg)));
+                return;
+            }
+        };
+        let sem = cmd.semaphore_name().map(str::to_string);
+        tracing::debug!(node = %self.cfg.node_id, "command {}", cmd.type_name());
+        let res = match cmd {
+            Command::InitPair(c) => self.init_pair(c, sem.clone()),
+            Command::RegisterTensors(c) => self.register(c, sem.clone()),
+            Command::Transfer(c) => self.transfer(&c.batch_id, c.transfer_type, sem.clone()),
+            Command::QueryStatus(c) => self.query(&c.batch_id, &c.state_name),
+            Command::CleanupBatch(c) => self.cleanup(&c.batch_id),
+        };
+        match res {
+            Ok(Some(r)) => self.complete(sem.as_deref(), r),
+            Ok(None) => {} // completes later
+            Err(e) => self.complete(sem.as_deref(), CommandResult::err(e)),
+        }
+    }
+
+    fn init_pair(
+        &mut self,
+        c: tensorbus_protocol::host::InitPair,
+        sem: Option<String>,
+    ) -> Result<Option<CommandResult>, RemoteError> {
+        let me = self.cfg.node_id.clone();
+        let bad = |m: String| value_err(&me, format!("InitPair {}: {m}", c.pair_name));
+        let ws = c.expected_world_size as usize;
+        if ws == 0 {
+            return Err(bad("expected_world_size must be at least 1".into()));
+        }
+        let (mesh, rank) = match &c.mesh_shape_payload {
+            Some(b) => {
+                let m = MeshPayload::decode(b).map_err(|e| bad(e.to_string()))?;
+                (m.shape, m.rank)
+            }
+            None => (vec![ws], self.cfg.rank % ws),
+        };
+        let placements = match &c.placements_payload {
+            Some(b) => PlacementsPayload::decode(b).map_err(|e| bad(e.to_string()))?,
+            None => vec![Placement::Replicate; mesh.len()],
+        };
+        let layout = Layout::from_parts(mesh.clone(), placements.clone()).map_err(|e| bad(e.to_string()))?;
+        layout.check_world_size(Side::Src, ws).map_err(|e| bad(e.to_string().replace("source ", "")))?;
+        if rank >= ws {
+            return Err(bad(format!("rank {rank} is outside the {ws}-rank mesh {mesh:?}")));
+        }
+        if c.local_name == c.remote_name {
+            return Err(bad(format!("local_name and remote_name are both {:?}", c.local_name)));
+        }
+        let side = PairSide {
+            local_name: c.local_name.clone(),
+            remote_name: c.remote_name.clone(),
+            world_size: ws,
+            rank,
+            mesh,
+            placements: placements.iter().map(|p| p.to_string()).collect(),
+        };
+        if let Some(p) = self.pairs.get(&c.pair_name) {
+            if p.side != side {
+                return Err(bad(format!("already registered on this agent with a different layout ({:?})", p.side)));
+            }
+        }
+        let _ = self.state.put(&keys::pair_match(&c.pair_name), b"\xc2");
+        let entry = self.pairs.entry(c.pair_name.clone()).or_insert(PairState {
+            side,
+            layout,
+            matched: false,
+            pending: vec![],
+        });
+        if entry.matched {
+            return Ok(Some(CommandResult::ok()));
+        }
+        entry.pending.push(sem);
+        self.status = NodeStatus::Waiting;
+        self.send_identify().map_err(|e| value_err(&me, e.to_string()))?;
+        self.check_pairs();
+        Ok(None)
+    }
+
+    fn check_pairs(&mut self) {
+        let mut done = Vec::new();
+        for (name, p) in self.pairs.iter_mut() {
+            if p.matched {
+                continue;
+            }
+            match directory::pair_matched(&self.dir, name, &p.side) {
+                Ok(true) => {
+                    p.matched = true;
+                    tracing::info!(node = %self.cfg.node_id, pair = %name, "pair matched");
+                    let _ = self.state.put(&keys::pair_match(name), b"\xc3");
+                    done.extend(p.pending.drain(..).map(|s| (s, CommandResult::ok())));
+                }
+                Ok(false) => {}
+                Err(m) => {
+                    let e = value_err(&self.cfg.node_id, m);
+                    done.extend(p.pending.drain(..).map(|s| (s, CommandResult::err(e.clone()))));
+                }
+            }
+        }
+        for (s, r) in done {
+            self.complete(s.as_deref(), r);
+        }
+        if !self.pairs.is_empty() && self.pairs.values().all(|p| p.matched) && self.status == NodeStatus::Waiting {
+            self.status = NodeStatus::Ready;
+            let _ = self.send(Body::Status(NodeStatus::Ready));
+        }
+    }
+
+    fn map_segment(&mut self, name: &str) -> Result<Arc<ShmSegment>, String> {
+        map_segment(&mut self.segments, name)
+    }
+
+    /// Checks that a worker's tensor memory exists and is large enough.
+    fn check_memory(&mut self, i: usize, d: &TensorDesc) -> Result<(), String> {
+        match &d.memory {
+            Memory::Shm { name, offset } => {
+                let seg = self.map_segment(name)?;
+                if offset + d.nbytes > seg.len() as u64 {
+                    return Err(format!(
+                        "tensor {i}: bytes [{offset}, {}) lie outside shared memory {name} of {} bytes",
+                        offset + d.nbytes,
+                        seg.len()
+                    ));
+                }
+            }
+            Memory::Cma { pid, addr } => {
+                if d.nbytes > 0 {
+                    let mut b = [0u8; 1];
+                    for at in [*addr, *addr + d.nbytes - 1] {
+                        // SAFETY: reading one byte into a local buffer.
+                        unsafe { cma::read(*pid, at, b.as_mut_ptr(), 1) }.map_err(|e| format!("tensor {i}: {e}"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn register(
+        &mut self,
+        c: tensorbus_protocol::host::RegisterTensors,
+        sem: Option<String>,
+    ) -> Result<Option<CommandResult>, RemoteError> {
+        let me = self.cfg.node_id.clone();
+        let bad = |m: String| value_err(&me, format!("RegisterTensors {}: {m}", c.batch_id));
+        if let Some(b) = self.batches.get(&c.batch_id) {
+            return Err(bad(format!(
+                "batch is already registered ({} tensors); call CleanupBatch first to reuse the id",
+                b.reg.tensors.len()
+            )));
+        }
+        if c.tensors.is_empty() {
+            return Err(bad("no tensors given".into()));
+        }
+        if c.bucket_size == Some(0) {
+            return Err(bad("bucket_size must be positive".into()));
+        }
+        let mut reg = BatchReg { pairs: vec![], tensors: vec![], bucket_size: c.bucket_size };
+        for (i, (pair, payload)) in c.tensors.iter().enumerate() {
+            let p = self
+                .pairs
+                .get(pair)
+                .ok_or_else(|| bad(format!("tensor {i}: unknown pair {pair:?}; call InitPair first")))?;
+            if !p.matched {
+                return Err(bad(format!("tensor {i}: pair {pair:?} is not matched yet")));
+            }
+            let d = TensorDesc::decode(payload).map_err(|e| bad(format!("tensor {i}: {e}")))?;
+            d.validate().map_err(|e| bad(format!("tensor {i}: {e}")))?;
+            p.layout.check_ndim(d.shape.len()).map_err(|e| bad(format!("tensor {i}: {e}")))?;
+            self.check_memory(i, &d).map_err(bad)?;
+            reg.pairs.push(pair.clone());
+            reg.tensors.push(d);
+        }
+        self.batches.insert(
+            c.batch_id.clone(),
+            BatchState {
+                reg,
+                ready: false,
+                pending_register: Some(sem),
+                next_seq: 0,
+                pending: VecDeque::new(),
+                exec: None,
+                copying: false,
+                signal: false,
+            },
+        );
+        self.send_identify().map_err(|e| value_err(&me, e.to_string()))?;
+        self.check_batches();
+        Ok(None)
+    }
+
+    /// Pairs of a batch in canonical order (sorted by name).
+    fn batch_pairs(reg: &BatchReg) -> Vec<String> {
+        let mut v = reg.pairs.clone();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Checks registration of every batch waiting for its peers; completes or fails it.
+    fn check_batches(&mut self) {
+        let ids: Vec<String> = self.batches.iter().filter(|(_, b)| !b.ready).map(|(k, _)| k.clone()).collect();
+        for id in ids {
+            match self.batch_complete(&id) {
+                Ok(false) => {}
+                Ok(true) => {
+                    let b = self.batches.get_mut(&id).expect("present");
+                    b.ready = true;
+                    let sem = b.pending_register.take().flatten();
+                    tracing::info!(node = %self.cfg.node_id, batch = %id, tensors = b.reg.tensors.len(), "batch registered on both sides");
+                    self.complete(sem.as_deref(), CommandResult::ok());
+                }
+                Err(m) => {
+                    let b = self.batches.remove(&id).expect("present");
+                    let _ = self.send_identify();
+                    let e = value_err(&self.cfg.node_id, format!("RegisterTensors {id}: {m}"));
+                    self.complete(b.pending_register.flatten().as_deref(), CommandResult::err(e));
+                }
+            }
+        }
+    }
+
+    /// Whether every rank of both sides of every pair of the batch has registered it, with
+    /// matching tensors; an error says what disagrees.
+    fn batch_complete(&self, id: &str) -> Result<bool, String> {
+        let b = &self.batches[id];
+        for pair in Self::batch_pairs(&b.reg) {
+            let p = &self.pairs[&pair];
+            let mut metas: Vec<Vec<TensorMeta>> = Vec::new();
+            for name in [&p.side.local_name, &p.side.remote_name] {
+                let side = directory::side(&self.dir, &pair, name)?;
+                let Some((_, _, ps)) = side.values().next() else { return Ok(false) };
+                let mut per_rank = Vec::new();
+                for r in 0..ps.world_size {
+                    let Some((_, ident, _)) = side.get(&r) else { return Ok(false) };
+                    let Some(ts) = directory::tensors_on(ident, id, &pair) else { return Ok(false) };
+                    per_rank.push(ts);
+                }
+                let n = per_rank[0].len();
+                if let Some((r, ts)) = per_rank.iter().enumerate().find(|(_, t)| t.len() != n) {
+                    return Err(format!("pair {pair}: {name} rank 0 registered {n} tensors, rank {r} {}", ts.len()));
+                }
+                let layout = ps.layout().map_err(|e| e.to_string())?;
+                let mut side_metas = Vec::new();
+                for k in 0..n {
+                    let tname = per_rank[0][k].name.clone().unwrap_or_else(|| format!("{pair}[{k}]"));
+                    let dtype = per_rank[0][k].dtype.clone();
+                    if let Some(r) = per_rank.iter().position(|t| t[k].dtype != dtype) {
+                        return Err(format!(
+                            "tensor {tname}: {name} ranks disagree on dtype ({dtype} on rank 0, {} on rank {r})",
+                            per_rank[r][k].dtype
+                        ));
+                    }
+                    let locals: Vec<Vec<u64>> = per_rank.iter().map(|t| t[k].shape.clone()).collect();
+                    let global =
+                        layout.global_shape_from_locals(&tname, &locals).map_err(|e| format!("{name}: {e}"))?;
+                    side_metas.push(TensorMeta::new(tname, global, dtype.parse::<DType>().map_err(|e| e.to_string())?));
+                }
+                metas.push(side_metas);
+            }
+            if metas[0].len() != metas[1].len() {
+                return Err(format!(
+                    "pair {pair}: {} registered {} tensors but {} registered {}",
+                    p.side.local_name,
+                    metas[0].len(),
+                    p.side.remote_name,
+                    metas[1].len()
+                ));
+            }
+            for (a, b) in metas[0].iter().zip(&metas[1]) {
+                a.check_matches(b).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn transfer(
+        &mut self,
+        batch: &str,
+        dir: TransferType,
+        sem: Option<String>,
+    ) -> Result<Option<CommandResult>, RemoteError> {
+        let me = self.cfg.node_id.clone();
+        let b = self
+            .batches
+            .get_mut(batch)
+            .ok_or_else(|| value_err(&me, format!("Transfer: unknown batch {batch:?}; call RegisterTensors first")))?;
+        if !b.ready {
+            return Err(value_err(&me, format!("Transfer: batch {batch:?} is still being registered")));
+        }
+        if let Some(p) = b.pending.front() {
+            if p.dir != dir {
+                return Err(value_err(
+                    &me,
+                    format!("Transfer: batch {batch:?} has a {:?} in flight; cannot {:?} at the same time", p.dir, dir),
+                ));
+            }
+        }
+        let seq = b.next_seq;
+        b.next_seq += 1;
+        b.signal = false;
+        b.pending.push_back(PendingTransfer { seq, dir, sem, epoch: None });
+        let _ = self.state.put(&keys::batch_state(batch, "transfer_signal"), b"\xc2");
+        self.emit(batch, EventKind::Armed, seq, None, 0, 0.0);
+        Ok(None)
+    }
+
+    fn query(&self, batch: &str, state_name: &str) -> Result<Option<CommandResult>, RemoteError> {
+        let b = self
+            .batches
+            .get(batch)
+            .ok_or_else(|| value_err(&self.cfg.node_id, format!("QueryStatus: unknown batch {batch:?}")))?;
+        match state_name {
+            "transfer_signal" => {
+                let _ = self.state.put(&keys::batch_state(batch, state_name), if b.signal { b"\xc3" } else { b"\xc2" });
+                Ok(Some(CommandResult::value(b.signal)))
+            }
+            other => Err(value_err(
+                &self.cfg.node_id,
+                format!("QueryStatus: unknown state {other:?} (known: transfer_signal)"),
+            )),
+        }
+    }
+
+    fn cleanup(&mut self, batch: &str) -> Result<Option<CommandResult>, RemoteError> {
+        let me = self.cfg.node_id.clone();
+        let b =
+            self.batches.get(batch).ok_or_else(|| value_err(&me, format!("CleanupBatch: unknown batch {batch:?}")))?;
+        if b.copying {
+            return Err(value_err(
+                &me,
+                format!("CleanupBatch: batch {batch:?} is being copied; wait for the transfer"),
+            ));
+        }
+        let b = self.batches.remove(batch).expect("present");
+        let cancelled = RemoteError {
+            kind: ErrorKind::TransferError,
+            message: format!("batch {batch:?} was cleaned up"),
+            origin: me.clone(),
+        };
+        for p in b.pending {
+            self.complete(p.sem.as_deref(), CommandResult::err(cancelled.clone()));
+        }
+        let _ = self.state.delete_prefix(&keys::batch_prefix(batch));
+        self.retain_segments();
+        self.send_identify().map_err(|e| value_err(&me, e.to_string()))?;
+        tracing::info!(node = %me, batch, "batch cleaned up");
+        Ok(Some(CommandResult::ok()))
+    }
+
+    /// Unmaps segments no batch refers to any more.
+    fn retain_segments(&mut self) {
+        let mut used = std::collections::HashSet::new();
+        for b in self.batches.values() {
+            for t in &b.reg.tensors {
+                if let Memory::Shm { name, .. } = &t.memory {
+                    used.insert(name.clone());
+                }
+            }
+        }
+        // Peers' segments that built plans point into.
+        for (id, b) in &self.batches {
+            if b.exec.is_some() {
+                for ident in self.dir.nodes.values() {
+                    if let Some(r) = ident.batches.get(id) {
+                        for t in &r.tensors {
+                            if let Memory::Shm { name, .. } = &t.memory {
+                                used.insert(name.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.segments.retain(|k, _| used.contains(k));
+    }
+
+    fn emit(&mut self, batch: &str, kind: EventKind, seq: u64, epoch: Option<u64>, bytes: u64, seconds: f64) {
+        self.event_id += 1;
+        let ev = Event {
+            id: self.event_id,
+            timestamp: tensorbus_protocol::control::now_rfc3339(),
+            node_id: self.cfg.node_id.clone(),
+            signal: batch.to_string(),
+            epoch: epoch.map(Epoch::Root),
+            value: EventValue { batch_id: batch.to_string(), kind, seq, bytes, seconds, checksum: 0 },
+        };
+        let m = Message::new(&self.cfg.node_id, Body::Event(vec![ev]));
+        let json = m.to_json();
+        if let Err(e) = self.dealer.send(json.as_bytes(), zmq::DONTWAIT) {
+            tracing::error!("sending event: {e}");
+        }
+        let _ = self.outbox.send_multipart([b"event".as_slice(), json.as_bytes()], zmq::DONTWAIT);
+    }
+
+    fn handle_control(&mut self, m: Message) {
+        match m.body {
+            Body::Announce(dir) => {
+                let me = self.identify_value();
+                self.joined =
+                    dir.nodes.get(&self.cfg.node_id).is_some_and(|v| v.pairs == me.pairs && v.batches == me.batches);
+                if self.joined {
+                    self.unjoined_since = Instant::now();
+                }
+                self.dir = dir;
+                self.check_pairs();
+                self.check_batches();
+            }
+            Body::Ping(()) => {
+                let _ = self.send(Body::Identify(self.identify_value()));
+            }
+            Body::Process(p) => {
+                let Epoch::Root(epoch) = p.epoch else { return };
+                self.process(epoch, &p.input.batch_id, p.input.seq);
+            }
+            Body::EpochEnded(Epoch::Root(epoch)) => self.epoch_ended(epoch),
+            Body::Error(e) => self.remote_error(e),
+            _ => {}
+        }
+    }
+
+    fn process(&mut self, epoch: u64, batch: &str, seq: u64) {
+        let Some(b) = self.batches.get_mut(batch) else { return };
+        let Some(p) = b.pending.iter_mut().find(|p| p.seq == seq) else { return };
+        p.epoch = Some(epoch);
+        let dir = p.dir;
+        if dir == TransferType::Recv {
+            self.emit(batch, EventKind::Done, seq, Some(epoch), 0, 0.0);
+            return;
+        }
+        let plan = match self.batches[batch].exec.clone() {
+            Some(p) => Ok(p),
+            None => self.build_exec(batch).map(Arc::new),
+        };
+        let plan = match plan {
+            Ok(p) => p,
+            Err(msg) => {
+                self.report_error(batch, epoch, "ValueError", msg);
+                return;
+            }
+        };
+        let b = self.batches.get_mut(batch).expect("present");
+        b.exec = Some(plan.clone());
+        b.copying = true;
+        self.status = NodeStatus::Running;
+        let (tx, wake, threads) = (self.copy_tx.clone(), self.ctx.socket(zmq::PUSH), self.cfg.copy_threads);
+        let ep = format!("inproc://copies-{}", self.cfg.rank);
+        let segments: Vec<Arc<ShmSegment>> = self.segments.values().cloned().collect();
+        let batch = batch.to_string();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            // SAFETY: the plan's local pointers are into `segments`, kept alive here; destinations
+            // are written only while their workers wait in a receive of this epoch.
+            let result = unsafe { exec::execute(&plan, threads) }.map_err(|e| e.to_string());
+            drop(segments);
+            let _ = tx.send(CopyDone { batch, epoch, result, seconds: t0.elapsed().as_secs_f64() });
+            if let Ok(w) = wake {
+                if w.connect(&ep).is_ok() {
+                    let _ = w.send(&b""[..], 0);
+                }
+            }
+        });
+    }
+
+    /// Resolves this rank's share of the batch (as sender) into executable operations.
+    fn build_exec(&mut self, batch: &str) -> Result<ExecPlan, String> {
+        let reg = self.batches[batch].reg.clone();
+        let bucket_size = reg.bucket_size.unwrap_or(tensorbus_planner::DEFAULT_BUCKET_SIZE);
+        let mut out = ExecPlan { buckets: Vec::new(), bucket_size };
+        let dir = self.dir.clone();
+        let segments = &mut self.segments;
+        for pair in Self::batch_pairs(&reg) {
+            let p = &self.pairs[&pair];
+            let (mine, theirs) =
+                (directory::side(&dir, &pair, &p.side.local_name)?, directory::side(&dir, &pair, &p.side.remote_name)?);
+            let their_layout =
+                theirs.values().next().ok_or("peer side vanished")?.2.layout().map_err(|e| e.to_string())?;
+            let plan = PairPlan::new(p.layout.clone(), their_layout).map_err(|e| format!("pair {pair}: {e}"))?;
+            let my_tensors = directory::tensors_on(mine[&p.side.rank].1, batch, &pair).ok_or("own batch missing")?;
+            let my_tensors: Vec<TensorDesc> = my_tensors.into_iter().cloned().collect();
+            let mut metas = Vec::new();
+            for (k, t) in my_tensors.iter().enumerate() {
+                let locals: Vec<Vec<u64>> = (0..p.side.world_size)
+                    .map(|r| {
+                        directory::tensors_on(mine[&r].1, batch, &pair)
+                            .map(|ts| ts[k].shape.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                let name = t.name.clone().unwrap_or_else(|| format!("{pair}[{k}]"));
+                let global = p.layout.global_shape_from_locals(&name, &locals).map_err(|e| e.to_string())?;
+                metas.push(BatchTensor {
+                    pair: 0,
+                    meta: TensorMeta::new(name, global, t.dtype().map_err(|e| e.to_string())?),
+                });
+            }
+            let bp = BatchPlan::build(&[&plan], &metas, reg.bucket_size, Scope::Rank(Side::Src, p.side.rank))
+                .map_err(|e| e.to_string())?;
+            let reduce_op = plan.src().partial_op();
+            // Resolve every (rank, tensor) location once.
+            let mut locs: HashMap<(bool, u32, u32), Loc> = HashMap::new();
+            let mut resolve = |src_side: bool, rank: u32, k: u32| -> Result<Loc, String> {
+                if let Some(l) = locs.get(&(src_side, rank, k)) {
+                    return Ok(*l);
+                }
+                let side = if src_side { &mine } else { &theirs };
+                let (id, ident, _) = side.get(&(rank as usize)).ok_or_else(|| format!("rank {rank} vanished"))?;
+                let d = directory::tensors_on(ident, batch, &pair)
+                    .and_then(|ts| ts.get(k as usize).cloned().cloned())
+                    .ok_or_else(|| format!("{id} no longer holds batch {batch}"))?;
+                let l = match &d.memory {
+                    Memory::Shm { name, offset } => {
+                        let seg = map_segment(segments, name)?;
+                        if offset + d.nbytes > seg.len() as u64 {
+                            return Err(format!("{id}: tensor {k} lies outside shared memory {name}"));
+                        }
+                        // SAFETY: offset checked against the mapping's length.
+                        Loc::Local(unsafe { seg.as_ptr().add(*offset as usize) })
+                    }
+                    Memory::Cma { pid, addr } => Loc::Remote { pid: *pid, addr: *addr },
+                };
+                locs.insert((src_side, rank, k), l);
+                Ok(l)
+            };
+            for bucket in bp.buckets() {
+                let mut ops = Vec::new();
+                for ch in bp.chunks(bucket) {
+                    let contributors = plan.contributors(ch.src_rank as usize);
+                    let dst = resolve(false, ch.dst_rank, ch.tensor)?;
+                    let dtype = bp.tensors[ch.tensor as usize].meta.dtype;
+                    let srcs: Vec<Loc> =
+                        contributors.iter().map(|&r| resolve(true, r, ch.tensor)).collect::<Result<_, _>>()?;
+                    for (so, doff, len) in ch.runs() {
+                        match (reduce_op, srcs.len()) {
+                            (Some(op), n) if n > 1 => {
+                                if !reduce::supported(dtype) {
+                                    return Err(format!("Partial reduction of {dtype} is not supported"));
+                                }
+                                ops.push(Op::Reduce {
+                                    srcs: srcs.iter().map(|s| s.offset(so)).collect(),
+                                    dst: dst.offset(doff),
+                                    len,
+                                    dtype,
+                                    op,
+                                })
+                            }
+                            _ => ops.push(Op::Copy { src: srcs[0].offset(so), dst: dst.offset(doff), len }),
+                        }
+                    }
+                }
+                out.buckets.push(ops);
+            }
+        }
+        Ok(out)
+    }
+
+    fn copy_finished(&mut self, done: CopyDone) {
+        let Some(b) = self.batches.get_mut(&done.batch) else { return };
+        b.copying = false;
+        self.status = NodeStatus::Ready;
+        let seq = b.pending.iter().find(|p| p.epoch == Some(done.epoch)).map(|p| p.seq);
+        match done.result {
+            Ok(bytes) => {
+                let gbps = bytes as f64 / done.seconds.max(1e-9) / 1e9;
+                tracing::info!(node = %self.cfg.node_id, batch = %done.batch, epoch = done.epoch, bytes, seconds = done.seconds, gbps, "copied");
+                if let Some(seq) = seq {
+                    self.emit(&done.batch, EventKind::Done, seq, Some(done.epoch), bytes, done.seconds);
+                }
+            }
+            Err(msg) => self.report_error(&done.batch, done.epoch, "TransferError", msg),
+        }
+    }
+
+    fn report_error(&mut self, batch: &str, epoch: u64, err_type: &str, msg: String) {
+        tracing::error!(node = %self.cfg.node_id, batch, epoch, "{msg}");
+        let v = ErrorValue {
+            err_type: err_type.into(),
+            err_args: vec![serde_json::Value::String(msg), serde_json::json!({"origin": self.cfg.node_id})],
+            traceback: None,
+            batch_id: Some(batch.to_string()),
+            epoch: Some(Epoch::Root(epoch)),
+        };
+        let _ = self.send(Body::Error(v));
+    }
+
+    fn epoch_ended(&mut self, epoch: u64) {
+        let mut hit = None;
+        for (id, b) in self.batches.iter_mut() {
+            if let Some(i) = b.pending.iter().position(|p| p.epoch == Some(epoch)) {
+                let p = b.pending.remove(i).expect("present");
+                b.signal = true;
+                hit = Some((id.clone(), p));
+                break;
+            }
+        }
+        if let Some((id, p)) = hit {
+            let _ = self.state.put(&keys::batch_state(&id, "transfer_signal"), b"\xc3");
+            let _ = self.state.put(&keys::epoch_ended(&id), &p.seq.to_le_bytes());
+            self.complete(p.sem.as_deref(), CommandResult::ok());
+        }
+    }
+
+    fn remote_error(&mut self, e: ErrorValue) {
+        let Some(batch) = e.batch_id.clone() else { return };
+        let Some(b) = self.batches.get_mut(&batch) else { return };
+        let origin = e
+            .err_args
+            .iter()
+            .find_map(|a| a.get("origin").and_then(|o| o.as_str()).map(str::to_string))
+            .unwrap_or_else(|| "unknown".into());
+        let message = e.err_args.first().and_then(|a| a.as_str()).unwrap_or("remote failure").to_string();
+        let kind = if e.err_type == "ValueError" { ErrorKind::ValueError } else { ErrorKind::TransferError };
+        let err =
+            RemoteError { kind, message: format!("transfer of batch {batch:?} failed on {origin}: {message}"), origin };
+        // Fail the transfers of the failed epoch (or all armed ones when no epoch is named).
+        let failed: Vec<PendingTransfer> = match &e.epoch {
+            Some(Epoch::Root(ep)) => {
+                let (f, keep): (Vec<_>, Vec<_>) =
+                    b.pending.drain(..).partition(|p| p.epoch == Some(*ep) || p.epoch.is_none());
+                b.pending = keep.into();
+                f
+            }
+            _ => b.pending.drain(..).collect(),
+        };
+        for p in failed {
+            self.complete(p.sem.as_deref(), CommandResult::err(err.clone()));
+        }
+    }
+}
+
+/// Maps a shared-memory segment once per agent lifetime.
+fn map_segment(segments: &mut HashMap<String, Arc<ShmSegment>>, name: &str) -> Result<Arc<ShmSegment>, String> {
+    if let Some(s) = segments.get(name) {
+        return Ok(s.clone());
+    }
+    let s = Arc::new(ShmSegment::open(name).map_err(|e| e.to_string())?);
+    segments.insert(name.to_string(), s.clone());
+    Ok(s)
+}
+
+fn rmp_serde_head(bytes: &[u8]) -> Option<CommandHead> {
+    tensorbus_protocol::host::decode_head(bytes).map(|(ty, semaphore_name)| CommandHead { ty, semaphore_name })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}

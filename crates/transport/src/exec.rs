@@ -1,0 +1,224 @@
+//! Executing a rank's share of a batch plan: buckets of copy and reduce operations between
+//! resolved memory locations, run in parallel on a few threads.
+//!
+//! Single copy wherever one end is mapped here: mapped→mapped is a `memcpy`, remote→mapped a
+//! `process_vm_readv`, mapped→remote a `process_vm_writev`. Only remote→remote copies and
+//! reductions over remote inputs stage through a buffer, of at most one bucket per thread.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use tensorbus_planner::{DType, ReduceOp};
+
+use crate::{cma, reduce, TransportError};
+
+/// Where bytes live, as seen from the copying process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loc {
+    /// Mapped into this process (shared memory).
+    Local(*mut u8),
+    /// In another process, reached with cross-memory attach.
+    Remote { pid: u32, addr: u64 },
+}
+
+// SAFETY: Loc is an address; the protocol guarantees exclusive access while a transfer runs.
+unsafe impl Send for Loc {}
+unsafe impl Sync for Loc {}
+
+impl Loc {
+    pub fn offset(self, by: u64) -> Loc {
+        match self {
+            // SAFETY: callers offset within a registered, bounds-checked region.
+            Loc::Local(p) => Loc::Local(unsafe { p.add(by as usize) }),
+            Loc::Remote { pid, addr } => Loc::Remote { pid, addr: addr + by },
+        }
+    }
+}
+
+/// One operation of a bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Copy { src: Loc, dst: Loc, len: u64 },
+    Reduce { srcs: Box<[Loc]>, dst: Loc, len: u64, dtype: DType, op: ReduceOp },
+}
+
+/// A rank's executable share of a batch: buckets of operations.
+#[derive(Debug, Default)]
+pub struct ExecPlan {
+    pub buckets: Vec<Vec<Op>>,
+    /// Upper bound of a bucket's bytes (and of each thread's staging buffer).
+    pub bucket_size: u64,
+}
+
+impl ExecPlan {
+    pub fn bytes(&self) -> u64 {
+        self.buckets
+            .iter()
+            .flatten()
+            .map(|op| match op {
+                Op::Copy { len, .. } | Op::Reduce { len, .. } => *len,
+            })
+            .sum()
+    }
+}
+
+/// Reads `len` bytes at `loc` into `dst`.
+///
+/// # Safety
+/// `dst` valid for `len` writes; a Local `loc` valid for `len` reads.
+unsafe fn read_into(loc: Loc, dst: *mut u8, len: usize) -> Result<(), TransportError> {
+    match loc {
+        Loc::Local(p) => {
+            std::ptr::copy_nonoverlapping(p, dst, len);
+            Ok(())
+        }
+        Loc::Remote { pid, addr } => cma::read(pid, addr, dst, len),
+    }
+}
+
+/// Writes `len` bytes from `src` to `loc`.
+///
+/// # Safety
+/// `src` valid for `len` reads; a Local `loc` valid for `len` writes.
+unsafe fn write_from(loc: Loc, src: *const u8, len: usize) -> Result<(), TransportError> {
+    match loc {
+        Loc::Local(p) => {
+            std::ptr::copy_nonoverlapping(src, p, len);
+            Ok(())
+        }
+        Loc::Remote { pid, addr } => cma::write(pid, addr, src, len),
+    }
+}
+
+struct Scratch {
+    bufs: Vec<Vec<u8>>,
+}
+
+impl Scratch {
+    fn get(&mut self, i: usize, len: usize) -> *mut u8 {
+        while self.bufs.len() <= i {
+            self.bufs.push(Vec::new());
+        }
+        let b = &mut self.bufs[i];
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        b.as_mut_ptr()
+    }
+}
+
+/// # Safety
+/// Every Local location of `op` is valid for its length.
+unsafe fn run_op(op: &Op, scratch: &mut Scratch, piece: usize) -> Result<(), TransportError> {
+    match op {
+        Op::Copy { src, dst, len } => match (*src, *dst) {
+            (Loc::Local(s), d) => write_from(d, s, *len as usize),
+            (s, Loc::Local(d)) => read_into(s, d, *len as usize),
+            (s, d) => {
+                // Remote to remote: stage through one buffer.
+                let mut done = 0u64;
+                while done < *len {
+                    let n = (*len - done).min(piece as u64) as usize;
+                    let buf = scratch.get(0, n);
+                    read_into(s.offset(done), buf, n)?;
+                    write_from(d.offset(done), buf, n)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+        },
+        Op::Reduce { srcs, dst, len, dtype, op } => {
+            let es = dtype.size();
+            let step = (piece / es).max(1) * es;
+            let mut done = 0u64;
+            while done < *len {
+                let n = (*len - done).min(step as u64) as usize;
+                let mut inputs: Vec<&[u8]> = Vec::with_capacity(srcs.len());
+                let mut staged: Vec<*mut u8> = Vec::with_capacity(srcs.len());
+                for (i, s) in srcs.iter().enumerate() {
+                    match s.offset(done) {
+                        Loc::Local(p) => staged.push(p),
+                        r => {
+                            let buf = scratch.get(1 + i, n);
+                            read_into(r, buf, n)?;
+                            staged.push(buf);
+                        }
+                    }
+                }
+                for p in &staged {
+                    inputs.push(std::slice::from_raw_parts(*p, n));
+                }
+                match dst.offset(done) {
+                    Loc::Local(p) => reduce::reduce(*dtype, *op, std::slice::from_raw_parts_mut(p, n), &inputs)?,
+                    r => {
+                        let buf = scratch.get(0, n);
+                        reduce::reduce(*dtype, *op, std::slice::from_raw_parts_mut(buf, n), &inputs)?;
+                        write_from(r, buf, n)?;
+                    }
+                }
+                done += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs every bucket on up to `threads` threads; returns the bytes written. Stops at the first
+/// error and returns it.
+///
+/// # Safety
+/// Every Local location of the plan must be mapped and valid for its length for the whole call,
+/// and no other party may write the destinations meanwhile.
+pub unsafe fn execute(plan: &ExecPlan, threads: usize) -> Result<u64, TransportError> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_err: Mutex<Option<TransportError>> = Mutex::new(None);
+    let piece = plan.bucket_size.clamp(1, 64 << 20) as usize;
+    let threads = threads.clamp(1, plan.buckets.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut scratch = Scratch { bufs: Vec::new() };
+                loop {
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(bucket) = plan.buckets.get(i) else { return };
+                    for op in bucket {
+                        // SAFETY: upheld by the caller of execute.
+                        if let Err(e) = unsafe { run_op(op, &mut scratch, piece) } {
+                            failed.store(true, Ordering::Relaxed);
+                            first_err.lock().unwrap().get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match first_err.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(plan.bytes()),
+    }
+}
+
+/// Single-threaded and multi-threaded memcpy bandwidth in GB/s over `bytes` (the limit transfers
+/// are compared with).
+pub fn memcpy_gbps(bytes: usize, threads: usize, reps: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let per = bytes.div_ceil(threads.max(1));
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t0 = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for (d, sc) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                s.spawn(move || d.copy_from_slice(sc));
+            }
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    bytes as f64 / best / 1e9
+}
