@@ -14,12 +14,20 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  python3 -m venv .venv
+fi
+.venv/bin/python -c "import msgspec" 2>/dev/null || .venv/bin/pip install -q msgspec
+
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 nice cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 nice cargo test --workspace --locked
-echo "== benchmark smoke run"
-nice cargo run --release --locked --bin tensorbus -- bench planner --iters 1 >/dev/null
+echo "== demo and benchmark smoke runs"
+nice cargo build --release --locked --bin tensorbus
+./target/release/tensorbus demo --scale 32 --repeat 2 --json >/dev/null
+./target/release/tensorbus bench planner --iters 1 >/dev/null
 echo "== all tests passed"

@@ -283,10 +283,13 @@ impl TensorBusClient {
         self.run(cmd, sem, true, timeout).map(|_| ())
     }
 
-    /// Sends raw bytes as a command (for tools and tests of malformed input).
-    pub fn submit_raw(&self, bytes: &[u8], timeout: Duration) -> Result<(), HostError> {
+    /// Sends raw bytes as a command whose completion will be posted on `semaphore_name` (for
+    /// tools and tests of malformed input).
+    pub fn submit_raw(&self, bytes: &[u8], semaphore_name: &str, timeout: Duration) -> Result<Pending, HostError> {
         self.inner.check_alive()?;
-        self.inner.queue.enqueue(bytes, timeout)
+        let sem = Semaphore::create(semaphore_name, 0)?;
+        self.inner.queue.enqueue(bytes, timeout)?;
+        Ok(Pending { inner: self.inner.clone(), sem, what: "raw command".into(), result: None })
     }
 
     /// Closes the connection (the agent keeps running).

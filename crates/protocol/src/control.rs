@@ -307,3 +307,60 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::*;
+    use serde_json::json;
+
+    fn roundtrip(body: Body, value: serde_json::Value) {
+        let m = Message { body, node_id: "agent:0".into(), timestamp: "2026-11-29T07:00:00.000000Z".into() };
+        let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": m.body.type_name(), "node_id": "agent:0", "timestamp": "2026-11-29T07:00:00.000000Z", "value": value})
+        );
+        assert_eq!(Message::from_json(m.to_json().as_bytes()).unwrap(), m);
+    }
+
+    #[test]
+    fn envelopes_match_the_wire_form() {
+        roundtrip(Body::Ping(()), json!(null));
+        roundtrip(Body::Start(Some(3)), json!(3));
+        roundtrip(Body::Status(NodeStatus::Ready), json!("ready"));
+        roundtrip(Body::EpochEnded(Epoch::Root(7)), json!(7));
+        roundtrip(Body::EpochEnded(Epoch::Sub(vec![json!(7), json!(["agent:1", 2])])), json!([7, ["agent:1", 2]]));
+        roundtrip(
+            Body::Process(ProcessValue { epoch: Epoch::Root(1), input: ProcessInput { batch_id: "w".into(), seq: 4 } }),
+            json!({"epoch": 1, "input": {"batch_id": "w", "seq": 4}}),
+        );
+        roundtrip(
+            Body::Error(ErrorValue {
+                err_type: "ValueError".into(),
+                err_args: vec![json!("bad")],
+                traceback: None,
+                batch_id: None,
+                epoch: None,
+            }),
+            json!({"err_type": "ValueError", "err_args": ["bad"], "traceback": null, "batch_id": null, "epoch": null}),
+        );
+    }
+
+    #[test]
+    fn decoding_tolerates_unknown_keys_and_zones_but_not_garbage() {
+        let m = Message::from_json(
+            br#"{"type":"ping","node_id":"c","timestamp":"2026-11-29T07:00:00+02:00","value":null,"extra":1}"#,
+        )
+        .unwrap();
+        assert_eq!(m.body, Body::Ping(()));
+        let m = Message::from_json(br#"{"type":"identify","node_id":"a","timestamp":"2026-11-29T07:00:00","value":{"node_id":"a","outbox":"tcp://x","status":"waiting","signals":[],"slots":[],"future_key":true}}"#).unwrap();
+        assert!(matches!(m.body, Body::Identify(v) if v.status == NodeStatus::Waiting));
+        for bad in [
+            &br#"{"type":"explode","node_id":"a","timestamp":"2026-11-29T07:00:00Z","value":null}"#[..],
+            br#"{"type":"ping","node_id":"a","timestamp":"noon","value":null}"#,
+            b"[1,2",
+        ] {
+            assert!(Message::from_json(bad).is_err());
+        }
+    }
+}
