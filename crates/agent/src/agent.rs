@@ -99,6 +99,11 @@ struct Agent {
     ctx: zmq::Context,
     event_id: u64,
     status: NodeStatus,
+    last_from_command: Instant,
+    /// We have received a publication on the command node's outbox since (re)joining.
+    subscribed: bool,
+    last_heartbeat: Instant,
+    last_pid_check: Instant,
 }
 
 #[derive(Deserialize)]
@@ -221,6 +226,10 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         ctx: ctx.clone(),
         event_id: 0,
         status: NodeStatus::Waiting,
+        last_from_command: Instant::now(),
+        subscribed: false,
+        last_heartbeat: Instant::now(),
+        last_pid_check: Instant::now(),
     };
     tracing::info!(node = %cfg.node_id, queue = %cfg.command_queue_path.display(), outbox = %agent.outbox_addr, "agent started");
     let result = agent.main_loop(&commands, &sub, &copy_pull, &stop);
@@ -286,6 +295,13 @@ impl Agent {
                     }
                 }
             }
+            if ready[1] && !msgs.is_empty() && !self.subscribed {
+                self.subscribed = true;
+                self.send_identify()?;
+            }
+            if !msgs.is_empty() {
+                self.last_from_command = Instant::now();
+            }
             for frames in msgs {
                 let Some(last) = frames.last() else { continue };
                 match Message::from_json(last) {
@@ -311,9 +327,35 @@ impl Agent {
         Ok(())
     }
 
-    /// Timers: re-identify until the command node has us in its directory; give up on commands
-    /// that need a command node that is not answering.
+    /// Timers: our heartbeat; the command node's liveness; our workers' liveness; re-identify
+    /// until the command node has us in its directory; give up on commands that need a command
+    /// node that is not answering.
     fn tick(&mut self) -> Result<(), AgentError> {
+        if self.last_heartbeat.elapsed() >= Duration::from_millis(250) {
+            self.last_heartbeat = Instant::now();
+            self.send(Body::Status(self.status))?;
+        }
+        let silent = self.last_from_command.elapsed();
+        if self.joined && silent > tensorbus_protocol::coordinator::DEAD_AFTER {
+            tracing::warn!(node = %self.cfg.node_id, "command node silent for {:.1} s; rejoining", silent.as_secs_f64());
+            self.joined = false;
+            self.subscribed = false;
+            self.unjoined_since = Instant::now();
+            let err = RemoteError {
+                kind: ErrorKind::ConnectionError,
+                message: format!(
+                    "the command node at {} is gone (silent for {:.1} s)",
+                    self.cfg.command_inbox,
+                    silent.as_secs_f64()
+                ),
+                origin: "command".into(),
+            };
+            self.fail_transfers(None, &err);
+        }
+        if self.last_pid_check.elapsed() >= Duration::from_millis(250) {
+            self.last_pid_check = Instant::now();
+            self.check_workers();
+        }
         if !self.joined {
             if self.last_identify.is_none_or(|t| t.elapsed() > Duration::from_millis(250)) {
                 self.send_identify()?;
@@ -332,6 +374,52 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Fails the armed or running transfers of `batch` (of every batch when `None`).
+    fn fail_transfers(&mut self, batch: Option<&str>, err: &RemoteError) {
+        let mut sems = Vec::new();
+        for (id, b) in self.batches.iter_mut() {
+            if batch.is_none_or(|x| x == id) {
+                sems.extend(b.pending.drain(..).map(|p| p.sem));
+            }
+        }
+        for s in sems {
+            self.complete(s.as_deref(), CommandResult::err(err.clone()));
+        }
+    }
+
+    /// Releases the batches of workers that exited, and tells the job.
+    fn check_workers(&mut self) {
+        let gone: Vec<(String, u32)> = self
+            .batches
+            .iter()
+            .filter_map(|(id, b)| {
+                b.reg.tensors.iter().filter_map(|t| t.pid).find(|&pid| !pid_alive(pid)).map(|pid| (id.clone(), pid))
+            })
+            .collect();
+        for (batch, pid) in gone {
+            if self.batches[&batch].copying {
+                continue; // finish the copy first; the next tick releases it
+            }
+            let msg = format!("worker pid {pid} of {} exited", self.cfg.node_id);
+            tracing::warn!(node = %self.cfg.node_id, batch = %batch, "{msg}; releasing the batch");
+            let err = RemoteError {
+                kind: ErrorKind::ConnectionError,
+                message: msg.clone(),
+                origin: self.cfg.node_id.clone(),
+            };
+            self.fail_transfers(Some(&batch), &err);
+            let v = ErrorValue {
+                err_type: "ConnectionError".into(),
+                err_args: vec![serde_json::Value::String(msg), serde_json::json!({"origin": self.cfg.node_id})],
+                traceback: None,
+                batch_id: Some(batch.clone()),
+                epoch: None,
+            };
+            let _ = self.send(Body::Error(v));
+            let _ = self.cleanup(&batch);
+        }
     }
 
     /// Fails every command waiting on the control plane.
@@ -356,6 +444,7 @@ impl Agent {
             status: self.status,
             signals: Vec::new(),
             slots: Vec::new(),
+            subscribed: self.subscribed,
             protocol: PROTOCOL_VERSION,
             host: hostname(),
             pid: std::process::id(),
@@ -818,6 +907,19 @@ impl Agent {
                 if self.joined {
                     self.unjoined_since = Instant::now();
                 }
+                // A peer that re-registered a batch (e.g. restarted) has new memory: rebuild plans.
+                for (id, b) in self.batches.iter_mut() {
+                    let holders = |d: &AnnounceValue| -> Vec<(String, Option<BatchReg>)> {
+                        d.nodes
+                            .iter()
+                            .map(|(n, v)| (n.clone(), v.batches.get(id).cloned()))
+                            .filter(|(_, r)| r.is_some())
+                            .collect()
+                    };
+                    if b.exec.is_some() && holders(&self.dir) != holders(&dir) {
+                        b.exec = None;
+                    }
+                }
                 self.dir = dir;
                 self.check_pairs();
                 self.check_batches();
@@ -827,7 +929,7 @@ impl Agent {
             }
             Body::Process(p) => {
                 let Epoch::Root(epoch) = p.epoch else { return };
-                self.process(epoch, &p.input.batch_id, p.input.seq);
+                self.process(epoch, &p.input.batch_id);
             }
             Body::EpochEnded(Epoch::Root(epoch)) => self.epoch_ended(epoch),
             Body::Error(e) => self.remote_error(e),
@@ -835,11 +937,28 @@ impl Agent {
         }
     }
 
-    fn process(&mut self, epoch: u64, batch: &str, seq: u64) {
+    fn process(&mut self, epoch: u64, batch: &str) {
         let Some(b) = self.batches.get_mut(batch) else { return };
-        let Some(p) = b.pending.iter_mut().find(|p| p.seq == seq) else { return };
+        let Some(p) = b.pending.iter_mut().find(|p| p.epoch.is_none()) else { return };
         p.epoch = Some(epoch);
-        let dir = p.dir;
+        let (dir, seq) = (p.dir, p.seq);
+        // Every rank of both sides must still hold the batch (a peer's worker may have exited).
+        match self.batch_complete(batch) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.report_error(
+                    batch,
+                    epoch,
+                    "ConnectionError",
+                    format!("batch {batch:?} lost a rank: a peer released it"),
+                );
+                return;
+            }
+            Err(m) => {
+                self.report_error(batch, epoch, "ValueError", m);
+                return;
+            }
+        }
         if dir == TransferType::Recv {
             self.emit(batch, EventKind::Done, seq, Some(epoch), 0, 0.0);
             return;
@@ -1025,7 +1144,12 @@ impl Agent {
             .find_map(|a| a.get("origin").and_then(|o| o.as_str()).map(str::to_string))
             .unwrap_or_else(|| "unknown".into());
         let message = e.err_args.first().and_then(|a| a.as_str()).unwrap_or("remote failure").to_string();
-        let kind = if e.err_type == "ValueError" { ErrorKind::ValueError } else { ErrorKind::TransferError };
+        let kind = match e.err_type.as_str() {
+            "ValueError" => ErrorKind::ValueError,
+            "ConnectionError" => ErrorKind::ConnectionError,
+            "TimeoutError" => ErrorKind::TimeoutError,
+            _ => ErrorKind::TransferError,
+        };
         let err =
             RemoteError { kind, message: format!("transfer of batch {batch:?} failed on {origin}: {message}"), origin };
         // Fail the transfers of the failed epoch (or all armed ones when no epoch is named).
@@ -1056,6 +1180,11 @@ fn map_segment(segments: &mut HashMap<String, Arc<ShmSegment>>, name: &str) -> R
 
 fn rmp_serde_head(bytes: &[u8]) -> Option<CommandHead> {
     tensorbus_protocol::host::decode_head(bytes).map(|(ty, semaphore_name)| CommandHead { ty, semaphore_name })
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 fn hostname() -> String {

@@ -6,6 +6,7 @@ mod demo;
 mod launch;
 mod pattern;
 mod plan_cmd;
+mod status;
 mod worker;
 mod workload;
 
@@ -47,6 +48,14 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long, default_value_t = 2)]
         copy_threads: usize,
+    },
+    /// Show the job: agents, their pairs and batches, recent epochs and errors.
+    Status {
+        /// The command node's inbox.
+        #[arg(long, default_value = "tcp://127.0.0.1:5555")]
+        command_inbox: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Plan a resharding between two layouts and print the plan and its statistics.
     Plan(plan_cmd::PlanArgs),
@@ -186,6 +195,7 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Cmd::Plan(args) => plan_cmd::run(&args),
+        Cmd::Status { command_inbox, json } => status::run(&command_inbox, json),
         Cmd::Bench { what: BenchWhat::Planner { iters, out } } => {
             let rows = bench::planner(iters.max(1));
             let md = bench::planner_markdown(&rows);

@@ -180,6 +180,7 @@ fn work(spec: &WorkerSpec, base: &Report) -> Result<(), String> {
                     device: "cpu".into(),
                     memory: Memory::Shm { name: seg_name.clone(), offset: offsets[i] },
                     nbytes: *nbytes,
+                    pid: None,
                 },
                 spec.pairs[t.pair].name.as_str(),
             )

@@ -33,6 +33,7 @@ fn desc(seg: &str, offset: u64, shape: &[u64]) -> TensorDesc {
         device: "cpu".into(),
         memory: Memory::Shm { name: seg.into(), offset },
         nbytes: n * 4,
+        pid: None,
     }
 }
 
@@ -224,4 +225,74 @@ fn a_killed_agent_is_reported_by_its_heartbeat_not_at_the_timeout() {
     assert!(matches!(e, HostError::AgentDied { .. }), "{e}");
     assert_eq!(e.kind(), ErrorKind::ConnectionError);
     eprintln!("agent death noticed after {:.2} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn cross_memory_attach_at_either_end() {
+    let job = Job::start("cma", 2);
+    let (a, b) = pair_up(&job);
+    // Let the agents (our children) read and write this process's memory.
+    tensorbus_host::bootstrap::setup_ptrace(a.agent_pid().unwrap()).unwrap();
+    let name = format!("/tb-it-cma-{}", std::process::id());
+    let seg = ShmSegment::create(&name, 4096).unwrap();
+    let mut src_heap = vec![0u8; 1024];
+    let mut dst_heap = vec![0u8; 1024];
+    let cma = |v: &mut Vec<u8>| Memory::Cma { pid: std::process::id(), addr: v.as_mut_ptr() as u64 };
+    for (round, (src_cma, dst_cma)) in [(true, false), (false, true), (true, true)].into_iter().enumerate() {
+        let fill = 10 + round as u8;
+        let mut ds = desc(&name, 0, &[16, 16]);
+        let mut dd = desc(&name, 2048, &[16, 16]);
+        if src_cma {
+            src_heap.fill(fill);
+            ds.memory = cma(&mut src_heap);
+        } else {
+            // SAFETY: no transfer runs while we fill.
+            unsafe { seg.as_mut_slice()[..1024].fill(fill) };
+        }
+        if dst_cma {
+            dst_heap.fill(0);
+            dd.memory = cma(&mut dst_heap);
+        }
+        let (ta, tb) = ([(ds, "p")], [(dd, "p")]);
+        let (ha, hb) = std::thread::scope(|s| {
+            let h = s.spawn(|| a.register_tensors("c", &ta, None, T).unwrap());
+            let hb = b.register_tensors("c", &tb, None, T).unwrap();
+            (h.join().unwrap(), hb)
+        });
+        let mut ps = ha.transfer(TransferType::Send, false, T).unwrap();
+        hb.transfer(TransferType::Recv, true, T).unwrap();
+        ps.wait(T).unwrap();
+        // SAFETY: the transfer is over.
+        let got: &[u8] = if dst_cma { &dst_heap } else { unsafe { &seg.as_slice()[2048..3072] } };
+        assert!(got.iter().all(|&x| x == fill), "round {round}: src cma {src_cma}, dst cma {dst_cma}");
+        ha.close(T).unwrap();
+        hb.close(T).unwrap();
+    }
+    drop(seg);
+    ShmSegment::unlink(&name);
+}
+
+#[test]
+fn up_starts_agents_and_cleans_up_on_ctrl_c() {
+    let dir = common::tmpdir("up");
+    let mut up = std::process::Command::new(common::BIN)
+        .args(["up", "--agents", "2", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(&dir)
+        .env("TENSORBUS_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    for r in 0..2 {
+        let q = dir.join(format!("agent_rank{r}_command.lmdb"));
+        let s = dir.join(format!("agent_rank{r}_state.lmdb"));
+        let c = TensorBusClient::new(r, Some(&q), Some(&s), T).unwrap();
+        assert!(c.agent_pid().is_ok());
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
+    let status = up.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

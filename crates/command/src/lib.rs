@@ -65,8 +65,12 @@ pub fn serve(
     tracing::info!(inbox = %endpoints.inbox, outbox = %endpoints.outbox, "command node started");
     let mut ended_seen = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        coord.handle_timeout(Instant::now());
+        let wait = coord
+            .poll_timeout()
+            .map_or(200, |t| t.saturating_duration_since(Instant::now()).as_millis().min(200) as i64);
         let mut items = [router.as_poll_item(zmq::POLLIN), xpub.as_poll_item(zmq::POLLIN)];
-        match zmq::poll(&mut items, 200) {
+        match zmq::poll(&mut items, wait) {
             Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
@@ -77,6 +81,9 @@ pub fn serve(
                     Ok(m) => {
                         if m.node_id.as_bytes() != identity.as_slice() {
                             tracing::warn!(node = %m.node_id, "message sender differs from its connection identity");
+                        }
+                        if !matches!(m.body, tensorbus_protocol::control::Body::Status(_)) {
+                            tracing::debug!(from = %m.node_id, kind = m.body.type_name(), "received");
                         }
                         coord.handle_message(Instant::now(), m);
                     }
@@ -98,8 +105,17 @@ pub fn serve(
                 }
                 Outgoing::To(id, m) => router.send_multipart([id.as_bytes(), m.to_json().as_bytes()], zmq::DONTWAIT),
             };
-            if let Err(e) = res {
-                tracing::warn!("could not send {:?}: {e}", out);
+            match res {
+                Ok(()) => {
+                    let (to, m) = match &out {
+                        Outgoing::Publish(m) => ("all", m),
+                        Outgoing::To(id, m) => (id.as_str(), m),
+                    };
+                    if !matches!(m.body, tensorbus_protocol::control::Body::Status(_)) {
+                        tracing::debug!(to, kind = m.body.type_name(), "sent");
+                    }
+                }
+                Err(e) => tracing::warn!("could not send {:?}: {e}", out),
             }
         }
         let mut last = ended_seen;

@@ -226,7 +226,14 @@ impl TensorBusClient {
         let sem = generate_semaphore_name("RegisterTensors", batch_id);
         let cmd = Command::RegisterTensors(RegisterTensors {
             batch_id: batch_id.into(),
-            tensors: tensors.iter().map(|(d, p)| (p.to_string(), d.encode().into())).collect(),
+            tensors: tensors
+                .iter()
+                .map(|(d, p)| {
+                    let mut d = d.clone();
+                    d.pid.get_or_insert(std::process::id());
+                    (p.to_string(), d.encode().into())
+                })
+                .collect(),
             bucket_size,
             timestamp: Some(keys::unix_now()),
             semaphore_name: Some(sem.clone()),

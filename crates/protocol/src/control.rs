@@ -57,6 +57,10 @@ pub struct IdentifyValue {
     /// Pairs this node receives on.
     #[serde(default)]
     pub slots: Vec<String>,
+    /// The node receives the command node's outbox (it has seen a publication on it): only then
+    /// can it take part in epochs without missing their messages (no slow-joiner loss).
+    #[serde(default)]
+    pub subscribed: bool,
     #[serde(default)]
     pub protocol: u32,
     #[serde(default)]
@@ -74,6 +78,12 @@ pub struct IdentifyValue {
 pub struct AnnounceValue {
     pub inbox: String,
     pub nodes: BTreeMap<String, IdentifyValue>,
+    /// Recently ended epochs: only in answers to a status query (a `ping` from outside the job).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs_ended: Vec<crate::coordinator::EndedEpoch>,
+    /// Errors the command node kept: only in answers to a status query.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<ErrorValue>,
 }
 
 /// `process` value.

@@ -1,18 +1,29 @@
 //! The command node's state machine, sans-IO (in the style of quinn-proto): the driver passes in
-//! each decoded message and the current time, and takes out the messages to send.
+//! each decoded message and the current time, calls [`Coordinator::handle_timeout`] when
+//! [`Coordinator::poll_timeout`] says so, and sends what [`Coordinator::poll_outgoing`] returns.
 //!
-//! It owns membership (the directory of `identify` values, re-announced on every change) and the
-//! epoch barrier of batch transfers: when every node holding batch `b` has armed its `seq`-th
-//! transfer, it publishes `process {epoch, input: {batch_id: b, seq}}`; when every one of them
-//! reports that epoch done, it publishes `epoch_ended(epoch)`. An `error` from any node fails the
-//! epoch for everyone and is kept for `status`.
+//! It owns:
+//! - membership: the directory of `identify` values, re-announced on every change;
+//! - liveness: it publishes a `status` heartbeat every [`HEARTBEAT_INTERVAL`]; a node silent for
+//!   [`DEAD_AFTER`] (agents send `status` every 250 ms) or reporting `closed` leaves the directory,
+//!   and every epoch or armed transfer of its batches fails with an error naming it;
+//! - the epoch barrier: each `event` of kind `armed` queues one transfer of a batch on its node;
+//!   when every node holding the batch has one queued, it publishes
+//!   `process {epoch, input: {batch_id, seq}}`; when every one of them reports that epoch `done`,
+//!   it publishes `epoch_ended(epoch)`. An `error` from any node fails the epoch for everyone and
+//!   is kept for `status`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::control::{
     AnnounceValue, Body, Epoch, ErrorValue, EventKind, IdentifyValue, Message, NodeStatus, ProcessInput, ProcessValue,
 };
+
+/// How often the command node publishes its heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+/// A node silent this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_millis(1000);
 
 /// A message the driver must send.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,13 +44,14 @@ struct Node {
 #[derive(Debug, Clone)]
 struct Running {
     batch_id: String,
+    seq: u64,
     participants: BTreeSet<String>,
     done: BTreeSet<String>,
     bytes: u64,
 }
 
 /// A finished epoch, for `status` and logs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EndedEpoch {
     pub epoch: u64,
     pub batch_id: String,
@@ -53,27 +65,38 @@ pub struct Coordinator {
     node_id: String,
     inbox: String,
     nodes: BTreeMap<String, Node>,
-    armed: BTreeMap<(String, u64), BTreeSet<String>>,
-    running: BTreeMap<u64, (u64, Running)>,
+    /// Per batch, per node: transfers armed and not yet run.
+    armed: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Per batch: epochs started so far.
+    seqs: BTreeMap<String, u64>,
+    running: BTreeMap<u64, Running>,
     next_epoch: u64,
+    next_heartbeat: Option<Instant>,
     ended: VecDeque<EndedEpoch>,
     errors: Vec<(String, ErrorValue)>,
     out: VecDeque<Outgoing>,
 }
 
 impl Coordinator {
+    /// A fresh command node. Its first output is a `ping`, so that agents of a job it rejoins
+    /// (after a restart) identify at once.
     pub fn new(node_id: impl Into<String>, inbox: impl Into<String>) -> Self {
-        Coordinator {
+        let mut c = Coordinator {
             node_id: node_id.into(),
             inbox: inbox.into(),
             nodes: BTreeMap::new(),
             armed: BTreeMap::new(),
+            seqs: BTreeMap::new(),
             running: BTreeMap::new(),
             next_epoch: 0,
+            next_heartbeat: None,
             ended: VecDeque::new(),
             errors: Vec::new(),
             out: VecDeque::new(),
-        }
+        };
+        let m = c.msg(Body::Ping(()));
+        c.out.push_back(Outgoing::Publish(m));
+        c
     }
 
     /// Processes one message from node `msg.node_id`.
@@ -83,6 +106,7 @@ impl Coordinator {
             n.last_seen = now;
         }
         match msg.body {
+            Body::Identify(v) if v.status == NodeStatus::Closed => self.remove_node(&from, "it closed"),
             Body::Identify(v) => {
                 let status = v.status;
                 let changed = self.nodes.get(&from).is_none_or(|n| n.ident != v);
@@ -95,22 +119,36 @@ impl Coordinator {
                     let m = self.msg(Body::Announce(self.directory()));
                     self.out.push_back(Outgoing::To(from, m));
                 }
-                let keys: Vec<_> = self.armed.keys().cloned().collect();
-                for (b, s) in keys {
-                    self.check_armed(&b, s);
+                let batches: Vec<String> = self.armed.keys().cloned().collect();
+                for b in batches {
+                    self.check_armed(&b);
                 }
             }
+            Body::Status(NodeStatus::Closed) if self.nodes.contains_key(&from) => self.remove_node(&from, "it closed"),
             Body::Status(s) => {
                 if let Some(n) = self.nodes.get_mut(&from) {
                     n.status = s;
                 }
             }
+            // A ping from outside the directory is a status query (e.g. `tensorbus status`).
+            Body::Ping(()) if !self.nodes.contains_key(&from) => {
+                let mut d = self.directory();
+                d.epochs_ended = self.ended.iter().cloned().collect();
+                d.errors = self.errors.iter().map(|(_, e)| e.clone()).collect();
+                let m = self.msg(Body::Announce(d));
+                self.out.push_back(Outgoing::To(from, m));
+            }
             Body::Event(events) => {
                 for e in events {
                     match e.value.kind {
                         EventKind::Armed => {
-                            self.armed.entry((e.value.batch_id.clone(), e.value.seq)).or_default().insert(from.clone());
-                            self.check_armed(&e.value.batch_id, e.value.seq);
+                            *self
+                                .armed
+                                .entry(e.value.batch_id.clone())
+                                .or_default()
+                                .entry(from.clone())
+                                .or_default() += 1;
+                            self.check_armed(&e.value.batch_id);
                         }
                         EventKind::Done => {
                             let Some(Epoch::Root(epoch)) = e.epoch else { continue };
@@ -127,14 +165,79 @@ impl Coordinator {
                     self.running.remove(&e);
                 }
                 if let Some(b) = &err.batch_id {
-                    self.armed.retain(|(batch, _), _| batch != b);
+                    self.armed.remove(b);
                 }
                 self.errors.push((from, err.clone()));
                 let m = self.msg(Body::Error(err));
                 self.out.push_back(Outgoing::Publish(m));
             }
-            // Commands flow from the command node, not to it; answers to ping are identifies.
+            // Commands flow from the command node, not to it.
             _ => {}
+        }
+    }
+
+    /// Heartbeat and liveness: call when [`Coordinator::poll_timeout`] is reached (calling earlier
+    /// is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_heartbeat.is_none_or(|t| now >= t) {
+            let m = self.msg(Body::Status(NodeStatus::Running));
+            self.out.push_back(Outgoing::Publish(m));
+            self.next_heartbeat = Some(now + HEARTBEAT_INTERVAL);
+        }
+        let dead: Vec<(String, Duration)> = self
+            .nodes
+            .iter()
+            .map(|(id, n)| (id.clone(), now.saturating_duration_since(n.last_seen)))
+            .filter(|(_, silent)| *silent > DEAD_AFTER)
+            .collect();
+        for (id, silent) in dead {
+            self.remove_node(&id, &format!("silent for {:.1} s", silent.as_secs_f64()));
+        }
+    }
+
+    /// When to call [`Coordinator::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let deaths = self.nodes.values().map(|n| n.last_seen + DEAD_AFTER).min();
+        match (self.next_heartbeat, deaths) {
+            (None, _) => None,
+            (Some(h), Some(d)) => Some(h.min(d)),
+            (Some(h), None) => Some(h),
+        }
+    }
+
+    /// Takes `id` out of the directory and fails everything that waited on it.
+    fn remove_node(&mut self, id: &str, reason: &str) {
+        let Some(node) = self.nodes.remove(id) else { return };
+        let closed = node.status == NodeStatus::Closed || reason == "it closed";
+        for batch in node.ident.batches.keys() {
+            let err_type = if closed { "TransferError" } else { "ConnectionError" };
+            self.fail_batch(batch, err_type, &format!("agent {id} left the job ({reason})"), id);
+        }
+        self.announce();
+    }
+
+    /// Fails every running epoch and armed transfer of `batch` with one error each.
+    fn fail_batch(&mut self, batch: &str, err_type: &str, message: &str, origin: &str) {
+        let epochs: Vec<u64> = self.running.iter().filter(|(_, r)| r.batch_id == batch).map(|(e, _)| *e).collect();
+        let had_armed = self.armed.remove(batch).is_some_and(|a| !a.is_empty());
+        let mut targets: Vec<Option<u64>> = epochs.iter().map(|e| Some(*e)).collect();
+        if had_armed || targets.is_empty() {
+            targets.push(None);
+        }
+        for epoch in targets {
+            if let Some(e) = epoch {
+                self.running.remove(&e);
+            }
+            let err = ErrorValue {
+                err_type: err_type.into(),
+                err_args: vec![message.into(), serde_json::json!({ "origin": origin })],
+                traceback: None,
+                batch_id: Some(batch.to_string()),
+                epoch: epoch.map(Epoch::Root),
+            };
+            self.errors.push((origin.to_string(), err.clone()));
+            let m = self.msg(Body::Error(err));
+            self.out.push_back(Outgoing::Publish(m));
         }
     }
 
@@ -147,42 +250,74 @@ impl Coordinator {
         self.out.push_back(Outgoing::Publish(m));
     }
 
-    /// Nodes that hold batch `b`.
-    fn participants(&self, b: &str) -> BTreeSet<String> {
-        self.nodes.iter().filter(|(_, n)| n.ident.batches.contains_key(b)).map(|(id, _)| id.clone()).collect()
+    /// The nodes holding batch `b`, once every rank of both sides of each of its pairs does
+    /// (an epoch never runs while a rank is missing, e.g. an agent still rejoining) and every holder
+    /// has confirmed it receives the outbox.
+    fn participants(&self, b: &str) -> Option<BTreeSet<String>> {
+        let holders: Vec<(&String, &Node)> =
+            self.nodes.iter().filter(|(_, n)| n.ident.batches.contains_key(b)).collect();
+        if holders.iter().any(|(_, n)| !n.ident.subscribed) {
+            return None;
+        }
+        let pairs: BTreeSet<&String> = holders.iter().flat_map(|(_, n)| n.ident.batches[b].pairs.iter()).collect();
+        for pair in pairs {
+            // Per side name: its world size and the ranks present.
+            let mut sides: BTreeMap<&str, (usize, BTreeSet<usize>)> = BTreeMap::new();
+            let mut remote = None;
+            for (_, n) in &holders {
+                if let Some(ps) = n.ident.pairs.get(pair.as_str()) {
+                    sides.entry(&ps.local_name).or_insert((ps.world_size, BTreeSet::new())).1.insert(ps.rank);
+                    remote.get_or_insert(ps.remote_name.as_str());
+                }
+            }
+            let complete = sides.len() == 2
+                && remote.is_some_and(|r| sides.contains_key(r))
+                && sides.values().all(|(ws, ranks)| ranks.len() == *ws);
+            if !complete {
+                return None;
+            }
+        }
+        let ids: BTreeSet<String> = holders.iter().map(|(id, _)| (*id).clone()).collect();
+        (!ids.is_empty()).then_some(ids)
     }
 
-    fn check_armed(&mut self, batch_id: &str, seq: u64) {
-        let key = (batch_id.to_string(), seq);
-        let Some(armed) = self.armed.get(&key) else { return };
-        let participants = self.participants(batch_id);
-        if participants.is_empty() || !participants.is_subset(armed) {
+    fn check_armed(&mut self, batch_id: &str) {
+        let Some(participants) = self.participants(batch_id) else { return };
+        let Some(armed) = self.armed.get_mut(batch_id) else { return };
+        if !participants.iter().all(|p| armed.get(p).is_some_and(|n| *n > 0)) {
             return;
         }
-        self.armed.remove(&key);
+        for p in &participants {
+            *armed.get_mut(p).expect("checked") -= 1;
+        }
         let epoch = self.next_epoch;
         self.next_epoch += 1;
+        let seq = self.seqs.entry(batch_id.to_string()).or_default();
+        let this_seq = *seq;
+        *seq += 1;
         self.running.insert(
             epoch,
-            (seq, Running { batch_id: batch_id.to_string(), participants, done: BTreeSet::new(), bytes: 0 }),
+            Running { batch_id: batch_id.to_string(), seq: this_seq, participants, done: BTreeSet::new(), bytes: 0 },
         );
         let m = self.msg(Body::Process(ProcessValue {
             epoch: Epoch::Root(epoch),
-            input: ProcessInput { batch_id: batch_id.to_string(), seq },
+            input: ProcessInput { batch_id: batch_id.to_string(), seq: this_seq },
         }));
         self.out.push_back(Outgoing::Publish(m));
+        // Another round may already be armed everywhere.
+        self.check_armed(batch_id);
     }
 
     fn mark_done(&mut self, epoch: u64, node: &str, bytes: u64) {
-        let Some((_, r)) = self.running.get_mut(&epoch) else { return };
+        let Some(r) = self.running.get_mut(&epoch) else { return };
         r.done.insert(node.to_string());
         r.bytes += bytes;
         if r.participants.is_subset(&r.done) {
-            let (seq, r) = self.running.remove(&epoch).expect("present");
+            let r = self.running.remove(&epoch).expect("present");
             self.ended.push_back(EndedEpoch {
                 epoch,
                 batch_id: r.batch_id,
-                seq,
+                seq: r.seq,
                 nodes: r.participants.len(),
                 bytes: r.bytes,
             });
@@ -204,6 +339,7 @@ impl Coordinator {
         AnnounceValue {
             inbox: self.inbox.clone(),
             nodes: self.nodes.iter().map(|(id, n)| (id.clone(), n.ident.clone())).collect(),
+            ..Default::default()
         }
     }
 
@@ -217,7 +353,7 @@ impl Coordinator {
         self.ended.iter()
     }
 
-    /// Errors reported by nodes, with the reporting node.
+    /// Errors reported by or about nodes, with the node.
     pub fn errors(&self) -> &[(String, ErrorValue)] {
         &self.errors
     }
@@ -228,13 +364,26 @@ mod tests {
     use super::*;
     use crate::control::{BatchReg, Event, EventValue};
 
+    /// Node "x:r" is rank r of side x of pair "p"; side a has 2 ranks, side b 1.
     fn ident(id: &str, batches: &[&str]) -> Message {
+        let (side, rank) = id.split_once(':').unwrap();
+        let (remote, ws) = if side == "a" { ("b", 2) } else { ("a", 1) };
+        let ps = crate::payload::PairSide {
+            local_name: side.into(),
+            remote_name: remote.into(),
+            world_size: ws,
+            rank: rank.parse().unwrap(),
+            mesh: vec![ws],
+            placements: vec!["R".into()],
+        };
         let v = IdentifyValue {
             node_id: id.into(),
             outbox: format!("tcp://127.0.0.1:0/{id}"),
+            subscribed: true,
+            pairs: [("p".to_string(), ps)].into_iter().collect(),
             batches: batches
                 .iter()
-                .map(|b| (b.to_string(), BatchReg { pairs: vec![], tensors: vec![], bucket_size: None }))
+                .map(|b| (b.to_string(), BatchReg { pairs: vec!["p".into()], tensors: vec![], bucket_size: None }))
                 .collect(),
             ..Default::default()
         };
@@ -263,6 +412,7 @@ mod tests {
     fn epoch_runs_only_once_every_holder_armed_and_ends_once_all_done() {
         let now = Instant::now();
         let mut c = Coordinator::new("command", "tcp://127.0.0.1:1");
+        drain(&mut c);
         for id in ["a:0", "a:1", "b:0"] {
             c.handle_message(now, ident(id, &["w"]));
         }
@@ -296,9 +446,12 @@ mod tests {
     fn errors_fail_the_epoch_and_are_kept() {
         let now = Instant::now();
         let mut c = Coordinator::new("command", "inbox");
-        c.handle_message(now, ident("a:0", &["w"]));
-        c.handle_message(now, ident("b:0", &["w"]));
+        drain(&mut c);
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(now, ident(id, &["w"]));
+        }
         c.handle_message(now, event("a:0", EventKind::Armed, "w", 0, None));
+        c.handle_message(now, event("a:1", EventKind::Armed, "w", 0, None));
         let err = ErrorValue {
             err_type: "ValueError".into(),
             err_args: vec!["boom".into()],
@@ -318,9 +471,101 @@ mod tests {
     fn repeated_identify_is_answered_directly() {
         let now = Instant::now();
         let mut c = Coordinator::new("command", "inbox");
+        drain(&mut c);
         c.handle_message(now, ident("a:0", &[]));
         assert!(matches!(drain(&mut c)[..], [Outgoing::Publish(_)]));
         c.handle_message(now, ident("a:0", &[]));
         assert!(matches!(&drain(&mut c)[..], [Outgoing::To(id, _)] if id == "a:0"));
+    }
+
+    #[test]
+    fn heartbeats_and_a_silent_node_is_dead_after_a_second() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new("command", "inbox");
+        assert!(matches!(&drain(&mut c)[..], [Outgoing::Publish(Message { body: Body::Ping(()), .. })]));
+        c.handle_timeout(t0);
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Outgoing::Publish(Message { body: Body::Status(NodeStatus::Running), .. })]
+        ));
+        assert_eq!(c.poll_timeout(), Some(t0 + HEARTBEAT_INTERVAL));
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(t0, ident(id, &["w"]));
+        }
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(t0, event(id, EventKind::Armed, "w", 0, None));
+        }
+        drain(&mut c);
+        // The a side keeps talking, b:0 falls silent during the epoch.
+        let mut t = t0;
+        for _ in 0..5 {
+            t += Duration::from_millis(250);
+            c.handle_message(t, Message::new("a:0", Body::Status(NodeStatus::Running)));
+            c.handle_message(t, Message::new("a:1", Body::Status(NodeStatus::Running)));
+            c.handle_timeout(t);
+        }
+        let out = drain(&mut c);
+        let err = out
+            .iter()
+            .find_map(|o| match o {
+                Outgoing::Publish(Message { body: Body::Error(e), .. }) => Some(e.clone()),
+                _ => None,
+            })
+            .expect("an error for the epoch");
+        assert_eq!(err.err_type, "ConnectionError");
+        assert_eq!(err.epoch, Some(Epoch::Root(0)));
+        assert!(err.err_args[0].as_str().unwrap().contains("agent b:0 left the job (silent for 1.2 s)"), "{err:?}");
+        assert_eq!(c.directory().nodes.keys().collect::<Vec<_>>(), vec!["a:0", "a:1"]);
+        // Arming without b:0 runs nothing; once it rejoins and re-registers, the epoch runs.
+        c.handle_message(t, event("a:0", EventKind::Armed, "w", 0, None));
+        c.handle_message(t, event("a:1", EventKind::Armed, "w", 0, None));
+        assert!(!drain(&mut c).iter().any(|o| matches!(o, Outgoing::Publish(Message { body: Body::Process(_), .. }))));
+        c.handle_message(t, ident("b:0", &["w"]));
+        c.handle_message(t, event("b:0", EventKind::Armed, "w", 0, None));
+        assert!(drain(&mut c).iter().any(|o| matches!(o, Outgoing::Publish(Message { body: Body::Process(_), .. }))));
+    }
+
+    #[test]
+    fn a_closing_node_fails_armed_transfers_and_leaves() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new("command", "inbox");
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(t0, ident(id, &["w"]));
+        }
+        c.handle_message(t0, event("a:0", EventKind::Armed, "w", 0, None));
+        drain(&mut c);
+        let mut v = match ident("b:0", &["w"]).body {
+            Body::Identify(v) => v,
+            _ => unreachable!(),
+        };
+        v.status = NodeStatus::Closed;
+        c.handle_message(t0, Message::new("b:0", Body::Identify(v)));
+        let out = drain(&mut c);
+        assert!(out.iter().any(|o| matches!(o, Outgoing::Publish(Message { body: Body::Error(e), .. }) if e.epoch.is_none() && e.batch_id.as_deref() == Some("w"))));
+        assert_eq!(c.directory().nodes.len(), 2);
+    }
+
+    #[test]
+    fn status_query_from_outside_gets_the_directory_errors_and_epochs() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new("command", "inbox");
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(t0, ident(id, &["w"]));
+            c.handle_message(t0, event(id, EventKind::Armed, "w", 0, None));
+        }
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(t0, event(id, EventKind::Done, "w", 0, Some(0)));
+        }
+        drain(&mut c);
+        c.handle_message(t0, Message::new("observer:1", Body::Ping(())));
+        let out = drain(&mut c);
+        match &out[..] {
+            [Outgoing::To(id, Message { body: Body::Announce(d), .. })] => {
+                assert_eq!(id, "observer:1");
+                assert_eq!(d.nodes.len(), 3);
+                assert_eq!(d.epochs_ended.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -109,6 +109,10 @@ pub struct TensorDesc {
     pub device: String,
     pub memory: Memory,
     pub nbytes: u64,
+    /// The worker process that owns the memory: the agent watches it, and releases the batch
+    /// and fails its transfers (naming the worker) when it exits.
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 impl TensorDesc {

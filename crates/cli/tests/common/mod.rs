@@ -17,6 +17,36 @@ pub struct Job {
     pub agents: Vec<Option<Child>>,
 }
 
+/// A loopback address whose port and port + 1 are both free right now.
+pub fn free_listen() -> String {
+    for _ in 0..50 {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p < 65535 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return format!("127.0.0.1:{p}");
+        }
+    }
+    panic!("no free port pair");
+}
+
+fn start_node(listen: &str) -> (Child, String, String) {
+    let mut node = Command::new(BIN)
+        .args(["command-node", "--listen", listen])
+        .env("TENSORBUS_LOG", if std::env::var_os("TB_TEST_LOGS").is_some() { "debug" } else { "warn" })
+        .stdout(Stdio::piped())
+        .stderr(if std::env::var_os("TB_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(node.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    // "command node: inbox tcp://... outbox tcp://..."
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert!(words.len() >= 6, "command node did not start: {line:?}");
+    let inbox = words[words.iter().position(|w| *w == "inbox").unwrap() + 1].to_string();
+    let outbox = words[words.iter().position(|w| *w == "outbox").unwrap() + 1].to_string();
+    (node, inbox, outbox)
+}
+
 pub fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tb-it-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -27,19 +57,13 @@ pub fn tmpdir(tag: &str) -> PathBuf {
 impl Job {
     /// Starts a command node on free loopback ports and `agents` agents.
     pub fn start(tag: &str, agents: usize) -> Job {
+        Self::start_on(tag, agents, "127.0.0.1:0")
+    }
+
+    /// Starts a command node listening on `listen` and `agents` agents.
+    pub fn start_on(tag: &str, agents: usize, listen: &str) -> Job {
         let dir = tmpdir(tag);
-        let mut node = Command::new(BIN)
-            .args(["command-node", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(node.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        // "command node: inbox tcp://... outbox tcp://..."
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let inbox = words[words.iter().position(|w| *w == "inbox").unwrap() + 1].to_string();
-        let outbox = words[words.iter().position(|w| *w == "outbox").unwrap() + 1].to_string();
+        let (node, inbox, outbox) = start_node(listen);
         let mut job = Job { dir, inbox, outbox, node: Some(node), agents: Vec::new() };
         for r in 0..agents {
             let c = job.spawn_agent(r, &job.inbox.clone(), &job.outbox.clone());
@@ -66,12 +90,34 @@ impl Job {
     }
 
     pub fn spawn_agent(&self, rank: usize, inbox: &str, outbox: &str) -> Child {
-        self.agent_command(rank, inbox, outbox).stderr(Stdio::null()).spawn().unwrap()
+        // TB_TEST_LOGS=1 shows the agents' logs.
+        let err = if std::env::var_os("TB_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() };
+        self.agent_command(rank, inbox, outbox)
+            .env("TENSORBUS_LOG", if std::env::var_os("TB_TEST_LOGS").is_some() { "debug" } else { "warn" })
+            .stderr(err)
+            .spawn()
+            .unwrap()
     }
 
     pub fn client(&self, rank: usize) -> tensorbus_host::client::TensorBusClient {
         let (q, s) = self.paths(rank);
         tensorbus_host::client::TensorBusClient::new(rank, Some(&q), Some(&s), Duration::from_secs(20)).unwrap()
+    }
+
+    /// Kills the command node with SIGKILL.
+    pub fn kill_node(&mut self) {
+        if let Some(mut c) = self.node.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a new command node on the same endpoints.
+    pub fn restart_node(&mut self) {
+        let listen = self.inbox.trim_start_matches("tcp://").to_string();
+        let (node, inbox, _) = start_node(&listen);
+        assert_eq!(inbox, self.inbox);
+        self.node = Some(node);
     }
 
     pub fn kill_agent(&mut self, rank: usize) {
