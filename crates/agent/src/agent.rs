@@ -70,6 +70,10 @@ struct BatchState {
     exec: Option<Arc<ExecPlan>>,
     copying: bool,
     signal: bool,
+    /// Epochs of this batch that ended everywhere (the next `seq` to end).
+    ended: u64,
+    /// `QueryStatus(epoch_ended:N)` commands waiting for epoch `N` to end.
+    waits: Vec<(u64, Option<String>)>,
 }
 
 /// A copy thread's report.
@@ -104,6 +108,8 @@ struct Agent {
     subscribed: bool,
     last_heartbeat: Instant,
     last_pid_check: Instant,
+    /// Epoch number → (batch, seq), from `process` messages.
+    epochs: HashMap<u64, (String, u64)>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +236,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         subscribed: false,
         last_heartbeat: Instant::now(),
         last_pid_check: Instant::now(),
+        epochs: HashMap::new(),
     };
     tracing::info!(node = %cfg.node_id, queue = %cfg.command_queue_path.display(), outbox = %agent.outbox_addr, "agent started");
     let result = agent.main_loop(&commands, &sub, &copy_pull, &stop);
@@ -356,7 +363,7 @@ impl Agent {
             self.last_pid_check = Instant::now();
             self.check_workers();
         }
-        if !self.joined {
+        if !self.joined && self.status != NodeStatus::Closed {
             if self.last_identify.is_none_or(|t| t.elapsed() > Duration::from_millis(250)) {
                 self.send_identify()?;
             }
@@ -431,6 +438,7 @@ impl Agent {
         for b in self.batches.values_mut() {
             sems.extend(b.pending_register.take());
             sems.extend(b.pending.drain(..).map(|p| p.sem));
+            sems.extend(b.waits.drain(..).map(|(_, s)| s));
         }
         for s in sems {
             self.complete(s.as_deref(), CommandResult::err(err.clone()));
@@ -512,7 +520,7 @@ impl Agent {
             Command::InitPair(c) => self.init_pair(c, sem.clone()),
             Command::RegisterTensors(c) => self.register(c, sem.clone()),
             Command::Transfer(c) => self.transfer(&c.batch_id, c.transfer_type, sem.clone()),
-            Command::QueryStatus(c) => self.query(&c.batch_id, &c.state_name),
+            Command::QueryStatus(c) => self.query(&c.batch_id, &c.state_name, sem.clone()),
             Command::CleanupBatch(c) => self.cleanup(&c.batch_id),
         };
         match res {
@@ -687,11 +695,39 @@ impl Agent {
                 exec: None,
                 copying: false,
                 signal: false,
+                ended: 0,
+                waits: Vec::new(),
             },
         );
         self.send_identify().map_err(|e| value_err(&me, e.to_string()))?;
         self.check_batches();
         Ok(None)
+    }
+
+    /// Tears everything down (pending commands fail, batches are released, pairs forgotten) and
+    /// leaves the directory as `closed`; `init` rejoins.
+    fn deinit(&mut self) {
+        let me = self.cfg.node_id.clone();
+        let err = RemoteError {
+            kind: ErrorKind::TransferError,
+            message: "the job was deinitialized".into(),
+            origin: me.clone(),
+        };
+        self.fail_waiting(err);
+        let ids: Vec<String> = self.batches.keys().cloned().collect();
+        for id in ids {
+            if self.batches[&id].copying {
+                continue; // released by the worker's CleanupBatch once its copy ends
+            }
+            let _ = self.cleanup(&id);
+        }
+        for p in std::mem::take(&mut self.pairs).into_keys() {
+            let _ = self.state.delete(&keys::pair_match(&p));
+        }
+        self.segments.clear();
+        self.status = NodeStatus::Closed;
+        let _ = self.send_identify();
+        tracing::info!(node = %me, "deinit: released everything, closed");
     }
 
     /// Pairs of a batch in canonical order (sorted by name).
@@ -810,19 +846,36 @@ impl Agent {
         Ok(None)
     }
 
-    fn query(&self, batch: &str, state_name: &str) -> Result<Option<CommandResult>, RemoteError> {
+    fn query(
+        &mut self,
+        batch: &str,
+        state_name: &str,
+        sem: Option<String>,
+    ) -> Result<Option<CommandResult>, RemoteError> {
+        let me = self.cfg.node_id.clone();
         let b = self
             .batches
-            .get(batch)
-            .ok_or_else(|| value_err(&self.cfg.node_id, format!("QueryStatus: unknown batch {batch:?}")))?;
+            .get_mut(batch)
+            .ok_or_else(|| value_err(&me, format!("QueryStatus: unknown batch {batch:?}")))?;
+        if let Some(n) = state_name.strip_prefix("epoch_ended:") {
+            // Completes once epoch `n` of the batch has ended on every agent taking part.
+            let n: u64 = n.parse().map_err(|_| value_err(&me, format!("QueryStatus: bad epoch in {state_name:?}")))?;
+            if b.ended > n {
+                return Ok(Some(CommandResult::value(true)));
+            }
+            b.waits.push((n, sem));
+            return Ok(None);
+        }
         match state_name {
             "transfer_signal" => {
-                let _ = self.state.put(&keys::batch_state(batch, state_name), if b.signal { b"\xc3" } else { b"\xc2" });
-                Ok(Some(CommandResult::value(b.signal)))
+                let signal = b.signal;
+                let _ = self.state.put(&keys::batch_state(batch, state_name), if signal { b"\xc3" } else { b"\xc2" });
+                Ok(Some(CommandResult::value(signal)))
             }
+            "epoch_ended" => Ok(Some(CommandResult::value(b.ended > 0))),
             other => Err(value_err(
-                &self.cfg.node_id,
-                format!("QueryStatus: unknown state {other:?} (known: transfer_signal)"),
+                &me,
+                format!("QueryStatus: unknown state {other:?} (known: transfer_signal, epoch_ended, epoch_ended:N)"),
             )),
         }
     }
@@ -929,7 +982,30 @@ impl Agent {
             }
             Body::Process(p) => {
                 let Epoch::Root(epoch) = p.epoch else { return };
+                if !self.batches.contains_key(&p.input.batch_id) {
+                    return;
+                }
+                self.epochs.insert(epoch, (p.input.batch_id.clone(), p.input.seq));
+                if let Some(side) = &p.input.from {
+                    // A controller's epoch: run it without the worker.
+                    let b = self.batches.get_mut(&p.input.batch_id).expect("checked");
+                    let mine = b.reg.pairs.first().and_then(|p| self.pairs.get(p)).map(|p| p.side.local_name.clone());
+                    let dir =
+                        if mine.as_deref() == Some(side.as_str()) { TransferType::Send } else { TransferType::Recv };
+                    b.pending.push_front(PendingTransfer { seq: p.input.seq, dir, sem: None, epoch: None });
+                }
                 self.process(epoch, &p.input.batch_id);
+            }
+            Body::Deinit(()) => self.deinit(),
+            Body::Init(()) => {
+                if self.status == NodeStatus::Closed {
+                    self.status = NodeStatus::Waiting;
+                    tracing::info!(node = %self.cfg.node_id, "init: rejoining");
+                }
+                for b in self.batches.values_mut() {
+                    b.exec = None;
+                }
+                let _ = self.send_identify();
             }
             Body::EpochEnded(Epoch::Root(epoch)) => self.epoch_ended(epoch),
             Body::Error(e) => self.remote_error(e),
@@ -1119,6 +1195,17 @@ impl Agent {
     }
 
     fn epoch_ended(&mut self, epoch: u64) {
+        if let Some((batch, seq)) = self.epochs.remove(&epoch) {
+            if let Some(b) = self.batches.get_mut(&batch) {
+                b.ended = b.ended.max(seq + 1);
+                let ended = b.ended;
+                let (done, keep): (Vec<_>, Vec<_>) = b.waits.drain(..).partition(|(n, _)| *n < ended);
+                b.waits = keep;
+                for (_, sem) in done {
+                    self.complete(sem.as_deref(), CommandResult::value(true));
+                }
+            }
+        }
         let mut hit = None;
         for (id, b) in self.batches.iter_mut() {
             if let Some(i) = b.pending.iter().position(|p| p.epoch == Some(epoch)) {

@@ -2,6 +2,7 @@
 //! `command-node`, `up`, `plan`, `bench`.
 
 mod bench;
+mod ctl;
 mod demo;
 mod launch;
 mod pattern;
@@ -56,6 +57,14 @@ enum Cmd {
         command_inbox: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Drive epochs from outside: process, start, stop, init, deinit.
+    Ctl {
+        /// The command node's inbox.
+        #[arg(long, default_value = "tcp://127.0.0.1:5555")]
+        command_inbox: String,
+        #[command(subcommand)]
+        what: ctl::Ctl,
     },
     /// Plan a resharding between two layouts and print the plan and its statistics.
     Plan(plan_cmd::PlanArgs),
@@ -191,11 +200,26 @@ fn main() -> ExitCode {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
+            // Orderly: deinit (agents release everything and report closed), then signals.
+            println!("stopping: deinit, then SIGTERM");
+            let _ = ctl::send(
+                &node.endpoints.inbox,
+                tensorbus_protocol::control::Body::Deinit(()),
+                Duration::from_millis(100),
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            while std::time::Instant::now() < deadline {
+                match status::query(&node.endpoints.inbox, Duration::from_millis(500)) {
+                    Ok(d) if d.nodes.is_empty() => break,
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
             procs.stop(Duration::from_secs(5));
             Ok(())
         })(),
         Cmd::Plan(args) => plan_cmd::run(&args),
         Cmd::Status { command_inbox, json } => status::run(&command_inbox, json),
+        Cmd::Ctl { command_inbox, what } => ctl::run(&command_inbox, what),
         Cmd::Bench { what: BenchWhat::Planner { iters, out } } => {
             let rows = bench::planner(iters.max(1));
             let md = bench::planner_markdown(&rows);

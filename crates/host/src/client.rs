@@ -279,6 +279,19 @@ impl TensorBusClient {
         Ok(p.wait(timeout)?.unwrap_or(false))
     }
 
+    /// Blocks until epoch `n` (0-based, counting every transfer of the batch, worker- or
+    /// controller-driven) has ended on every agent taking part, on both sides.
+    pub fn wait_epoch(&self, batch_id: &str, n: u64, timeout: Duration) -> Result<(), HostError> {
+        let sem = generate_semaphore_name("QueryStatus", batch_id);
+        let cmd = Command::QueryStatus(QueryStatus {
+            batch_id: batch_id.into(),
+            state_name: format!("epoch_ended:{n}"),
+            timestamp: Some(keys::unix_now()),
+            semaphore_name: Some(sem.clone()),
+        });
+        self.run(cmd, sem, true, timeout).map(|_| ())
+    }
+
     /// Releases everything the agent holds for the batch; the id becomes reusable.
     pub fn cleanup_batch(&self, batch_id: &str, timeout: Duration) -> Result<(), HostError> {
         let sem = generate_semaphore_name("CleanupBatch", batch_id);
@@ -322,6 +335,11 @@ impl BatchHandler {
 
     pub fn query_transfer_signal(&self, timeout: Duration) -> Result<bool, HostError> {
         self.client.query_transfer_signal(&self.batch_id, timeout)
+    }
+
+    /// Blocks until epoch `n` of this batch has ended everywhere.
+    pub fn wait_epoch(&self, n: u64, timeout: Duration) -> Result<(), HostError> {
+        self.client.wait_epoch(&self.batch_id, n, timeout)
     }
 
     pub fn close(self, timeout: Duration) -> Result<(), HostError> {

@@ -99,6 +99,10 @@ pub struct ProcessInput {
     pub batch_id: String,
     #[serde(default)]
     pub seq: u64,
+    /// For epochs a controller asked for (`process`/`start`), the name of the sending side; the
+    /// agents run them without waiting for their workers. `None` for epochs workers armed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 /// What an event reports.
@@ -341,7 +345,10 @@ mod golden {
         roundtrip(Body::EpochEnded(Epoch::Root(7)), json!(7));
         roundtrip(Body::EpochEnded(Epoch::Sub(vec![json!(7), json!(["agent:1", 2])])), json!([7, ["agent:1", 2]]));
         roundtrip(
-            Body::Process(ProcessValue { epoch: Epoch::Root(1), input: ProcessInput { batch_id: "w".into(), seq: 4 } }),
+            Body::Process(ProcessValue {
+                epoch: Epoch::Root(1),
+                input: ProcessInput { batch_id: "w".into(), seq: 4, from: None },
+            }),
             json!({"epoch": 1, "input": {"batch_id": "w", "seq": 4}}),
         );
         roundtrip(

@@ -75,6 +75,11 @@ pub struct Coordinator {
     ended: VecDeque<EndedEpoch>,
     errors: Vec<(String, ErrorValue)>,
     out: VecDeque<Outgoing>,
+    /// Controller-driven epochs: `(batch, sending side)` of the last `process`, and how many more
+    /// to run back to back (`Some(0)`: none; `None`: until `stop`).
+    free: Option<(String, String)>,
+    free_remaining: Option<u64>,
+    free_in_flight: Option<u64>,
 }
 
 impl Coordinator {
@@ -93,6 +98,9 @@ impl Coordinator {
             ended: VecDeque::new(),
             errors: Vec::new(),
             out: VecDeque::new(),
+            free: None,
+            free_remaining: Some(0),
+            free_in_flight: None,
         };
         let m = c.msg(Body::Ping(()));
         c.out.push_back(Outgoing::Publish(m));
@@ -163,6 +171,10 @@ impl Coordinator {
                 }
                 if let Some(Epoch::Root(e)) = err.epoch {
                     self.running.remove(&e);
+                    if self.free_in_flight == Some(e) {
+                        self.free_in_flight = None;
+                        self.free_remaining = Some(0);
+                    }
                 }
                 if let Some(b) = &err.batch_id {
                     self.armed.remove(b);
@@ -171,8 +183,76 @@ impl Coordinator {
                 let m = self.msg(Body::Error(err));
                 self.out.push_back(Outgoing::Publish(m));
             }
+            // Requests of a controller (a node outside the directory, e.g. `tensorbus ctl`).
+            Body::Process(p) if !self.nodes.contains_key(&from) => {
+                let Some(side) = p.input.from.clone() else {
+                    return self.reply_error(&from, "process needs input.from: the name of the sending side");
+                };
+                self.free = Some((p.input.batch_id.clone(), side));
+                self.free_remaining = Some(0);
+                self.run_free(&from);
+            }
+            Body::Start(n) if !self.nodes.contains_key(&from) => {
+                if self.free.is_none() {
+                    return self.reply_error(&from, "start needs a batch: send process {batch_id, from} first");
+                }
+                self.free_remaining = n;
+                if self.free_in_flight.is_none() {
+                    self.run_free(&from);
+                }
+            }
+            Body::Stop(()) if !self.nodes.contains_key(&from) => self.free_remaining = Some(0),
+            Body::Init(()) | Body::Deinit(()) if !self.nodes.contains_key(&from) => {
+                let m = self.msg(msg.body);
+                self.out.push_back(Outgoing::Publish(m));
+            }
             // Commands flow from the command node, not to it.
             _ => {}
+        }
+    }
+
+    fn reply_error(&mut self, to: &str, message: &str) {
+        let err = ErrorValue {
+            err_type: "ValueError".into(),
+            err_args: vec![message.into()],
+            traceback: None,
+            batch_id: None,
+            epoch: None,
+        };
+        let m = self.msg(Body::Error(err));
+        self.out.push_back(Outgoing::To(to.to_string(), m));
+    }
+
+    /// Starts one controller-driven epoch of the current free-run batch.
+    fn run_free(&mut self, requester: &str) {
+        let Some((batch, side)) = self.free.clone() else { return };
+        if self.participants(&batch).is_none() {
+            self.free_remaining = Some(0);
+            let msg = format!(
+                "batch {batch:?} is not registered on every rank of both sides (or a node is not subscribed yet)"
+            );
+            if requester == self.node_id {
+                // Continuing a `start`: nobody to answer; publish and keep it for `status`.
+                let err = ErrorValue {
+                    err_type: "ValueError".into(),
+                    err_args: vec![msg.into()],
+                    traceback: None,
+                    batch_id: Some(batch),
+                    epoch: None,
+                };
+                self.errors.push((self.node_id.clone(), err.clone()));
+                let m = self.msg(Body::Error(err));
+                self.out.push_back(Outgoing::Publish(m));
+                return;
+            }
+            return self.reply_error(requester, &msg);
+        }
+        let epoch = self.start_epoch(&batch, Some(side));
+        self.free_in_flight = Some(epoch);
+        if let Some(Outgoing::Publish(m)) = self.out.back().cloned() {
+            if requester != self.node_id {
+                self.out.push_back(Outgoing::To(requester.to_string(), m));
+            }
         }
     }
 
@@ -227,6 +307,10 @@ impl Coordinator {
         for epoch in targets {
             if let Some(e) = epoch {
                 self.running.remove(&e);
+                if self.free_in_flight == Some(e) {
+                    self.free_in_flight = None;
+                    self.free_remaining = Some(0);
+                }
             }
             let err = ErrorValue {
                 err_type: err_type.into(),
@@ -290,6 +374,14 @@ impl Coordinator {
         for p in &participants {
             *armed.get_mut(p).expect("checked") -= 1;
         }
+        self.start_epoch(batch_id, None);
+        // Another round may already be armed everywhere.
+        self.check_armed(batch_id);
+    }
+
+    /// Publishes `process` for the next epoch of `batch_id` (whose participants are complete).
+    fn start_epoch(&mut self, batch_id: &str, from: Option<String>) -> u64 {
+        let participants = self.participants(batch_id).unwrap_or_default();
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let seq = self.seqs.entry(batch_id.to_string()).or_default();
@@ -301,11 +393,10 @@ impl Coordinator {
         );
         let m = self.msg(Body::Process(ProcessValue {
             epoch: Epoch::Root(epoch),
-            input: ProcessInput { batch_id: batch_id.to_string(), seq: this_seq },
+            input: ProcessInput { batch_id: batch_id.to_string(), seq: this_seq, from },
         }));
         self.out.push_back(Outgoing::Publish(m));
-        // Another round may already be armed everywhere.
-        self.check_armed(batch_id);
+        epoch
     }
 
     fn mark_done(&mut self, epoch: u64, node: &str, bytes: u64) {
@@ -326,6 +417,22 @@ impl Coordinator {
             }
             let m = self.msg(Body::EpochEnded(Epoch::Root(epoch)));
             self.out.push_back(Outgoing::Publish(m));
+            if self.free_in_flight == Some(epoch) {
+                self.free_in_flight = None;
+                self.continue_free();
+            }
+        }
+    }
+
+    /// After a controller-driven epoch: the next one, while `start` asks for more.
+    fn continue_free(&mut self) {
+        match self.free_remaining {
+            Some(0) => {}
+            Some(n) => {
+                self.free_remaining = Some(n - 1);
+                self.run_free(&self.node_id.clone());
+            }
+            None => self.run_free(&self.node_id.clone()),
         }
     }
 
@@ -567,5 +674,59 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn controller_process_start_and_stop() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new("command", "inbox");
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(t0, ident(id, &["w"]));
+        }
+        drain(&mut c);
+        let process = |from: Option<&str>| {
+            Message::new(
+                "ctl:1",
+                Body::Process(ProcessValue {
+                    epoch: Epoch::Root(0),
+                    input: ProcessInput { batch_id: "w".into(), seq: 0, from: from.map(str::to_string) },
+                }),
+            )
+        };
+        c.handle_message(t0, process(None));
+        assert!(matches!(&drain(&mut c)[..], [Outgoing::To(_, Message { body: Body::Error(_), .. })]));
+        c.handle_message(t0, process(Some("a")));
+        let out = drain(&mut c);
+        assert!(
+            matches!(&out[0], Outgoing::Publish(Message { body: Body::Process(p), .. }) if p.input.from.as_deref() == Some("a"))
+        );
+        assert!(matches!(&out[1], Outgoing::To(id, _) if id == "ctl:1"));
+        // Two more back to back, then stop.
+        c.handle_message(t0, Message::new("ctl:1", Body::Start(Some(2))));
+        let mut processes = 0;
+        for epoch in 0..4u64 {
+            for id in ["a:0", "a:1", "b:0"] {
+                c.handle_message(t0, event(id, EventKind::Done, "w", 0, Some(epoch)));
+            }
+            processes += drain(&mut c)
+                .iter()
+                .filter(|o| matches!(o, Outgoing::Publish(Message { body: Body::Process(_), .. })))
+                .count();
+        }
+        assert_eq!(processes, 2, "start 2 runs exactly two more epochs");
+        // Until stop: one epoch starts at once; stop lets it finish and starts no other.
+        c.handle_message(t0, Message::new("ctl:1", Body::Start(None)));
+        assert!(drain(&mut c).iter().any(
+            |o| matches!(o, Outgoing::Publish(Message { body: Body::Process(p), .. }) if p.epoch == Epoch::Root(3))
+        ));
+        c.handle_message(t0, Message::new("ctl:1", Body::Stop(())));
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(t0, event(id, EventKind::Done, "w", 0, Some(3)));
+        }
+        let out = drain(&mut c);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Outgoing::Publish(Message { body: Body::EpochEnded(Epoch::Root(3)), .. }))));
+        assert!(!out.iter().any(|o| matches!(o, Outgoing::Publish(Message { body: Body::Process(_), .. }))), "stopped");
     }
 }
