@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   python3 -m venv .venv
 fi
-.venv/bin/python -c "import msgspec" 2>/dev/null || .venv/bin/pip install -q msgspec
+.venv/bin/python -c "import msgspec, maturin, numpy, pytest" 2>/dev/null || .venv/bin/pip install -q msgspec "maturin>=1.5,<2" numpy pytest
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
@@ -26,8 +26,14 @@ echo "== cargo clippy"
 nice cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 nice cargo test --workspace --locked
-echo "== demo and benchmark smoke runs"
 nice cargo build --release --locked --bin tensorbus
+echo "== Python package: build the abi3 wheel, install it, run pytest"
+rm -f target/wheels/tensorbus-*.whl
+nice .venv/bin/maturin build --release --locked -o target/wheels
+.venv/bin/pip install -q --force-reinstall --no-deps target/wheels/tensorbus-*.whl
+TENSORBUS_BIN="$PWD/target/release/tensorbus" .venv/bin/python -m pytest -q python/tests
+
+echo "== demo and benchmark smoke runs"
 ./target/release/tensorbus demo --scale 32 --repeat 2 --json >/dev/null
 ./target/release/tensorbus bench planner --iters 1 >/dev/null
 echo "== all tests passed"

@@ -3,7 +3,10 @@
 
 use heed::types::Bytes;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions};
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use crate::sem::Semaphore;
@@ -11,15 +14,40 @@ use crate::HostError;
 
 const MAP_SIZE: usize = 1 << 30;
 
-fn open_env(path: &Path, create: bool) -> Result<(Env, Database<Bytes, Bytes>), HostError> {
+/// An open LMDB environment and its database, shared by every queue or store of one path in
+/// this process (LMDB allows one open per path and process).
+struct Handle {
+    env: Env,
+    db: Database<Bytes, Bytes>,
+    ino: u64,
+}
+
+static OPEN: Mutex<Option<HashMap<PathBuf, Weak<Handle>>>> = Mutex::new(None);
+
+fn open_env(path: &Path, create: bool) -> Result<Arc<Handle>, HostError> {
     if !create && !path.exists() {
         return Err(HostError::NoAgent(format!("{} does not exist (is the agent running?)", path.display())));
+    }
+    let ino = |p: &Path| std::fs::metadata(p).map(|m| m.ino()).unwrap_or(0);
+    let mut open = OPEN.lock().unwrap();
+    let open = open.get_or_insert_with(HashMap::new);
+    open.retain(|_, w| w.strong_count() > 0);
+    if !create {
+        if let Some(h) = open.get(path).and_then(Weak::upgrade) {
+            if h.ino == ino(path) {
+                return Ok(h);
+            }
+            return Err(HostError::NoAgent(format!(
+                "{} was recreated (the agent restarted) while this process still holds a connection to the old one; close that client first",
+                path.display()
+            )));
+        }
     }
     let lmdb = |e: heed::Error| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() };
     let mut opts = EnvOpenOptions::new();
     opts.map_size(MAP_SIZE).max_dbs(1);
-    // SAFETY: NO_SUB_DIR only changes the file layout; the env is opened once per path per process
-    // by this crate's callers.
+    // SAFETY: NO_SUB_DIR only changes the file layout; each path is opened once per process
+    // (shared through OPEN).
     let env = unsafe {
         opts.flags(EnvFlags::NO_SUB_DIR);
         opts.open(path)
@@ -28,7 +56,9 @@ fn open_env(path: &Path, create: bool) -> Result<(Env, Database<Bytes, Bytes>), 
     let mut w = env.write_txn().map_err(lmdb)?;
     let db: Database<Bytes, Bytes> = env.create_database(&mut w, None).map_err(lmdb)?;
     w.commit().map_err(lmdb)?;
-    Ok((env, db))
+    let h = Arc::new(Handle { env, db, ino: ino(path) });
+    open.insert(path.to_path_buf(), Arc::downgrade(&h));
+    Ok(h)
 }
 
 fn remove_env_files(path: &Path) {
@@ -56,8 +86,7 @@ fn u64_at(db: &Database<Bytes, Bytes>, txn: &heed::RoTxn, key: &str) -> Result<u
 /// transaction, so a producer killed mid-enqueue leaves either a whole command or none.
 pub struct CommandQueue {
     path: PathBuf,
-    env: Env,
-    db: Database<Bytes, Bytes>,
+    h: Arc<Handle>,
     items: Semaphore,
     free: Semaphore,
     capacity: u64,
@@ -67,24 +96,24 @@ impl CommandQueue {
     /// Creates the queue for a consumer (the agent), replacing stale files and semaphores.
     pub fn create(path: &Path, capacity: u64) -> Result<Self, HostError> {
         remove_env_files(path);
-        let (env, db) = open_env(path, true)?;
+        let h = open_env(path, true)?;
         let lmdb = |e: heed::Error| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() };
-        let mut w = env.write_txn().map_err(lmdb)?;
-        db.put(&mut w, b"capacity", &capacity.to_le_bytes()).map_err(lmdb)?;
-        db.put(&mut w, b"head", &0u64.to_le_bytes()).map_err(lmdb)?;
-        db.put(&mut w, b"tail", &0u64.to_le_bytes()).map_err(lmdb)?;
+        let mut w = h.env.write_txn().map_err(lmdb)?;
+        h.db.put(&mut w, b"capacity", &capacity.to_le_bytes()).map_err(lmdb)?;
+        h.db.put(&mut w, b"head", &0u64.to_le_bytes()).map_err(lmdb)?;
+        h.db.put(&mut w, b"tail", &0u64.to_le_bytes()).map_err(lmdb)?;
         w.commit().map_err(lmdb)?;
         let (items, free) = sem_names(path);
         let items = Semaphore::recreate(&items, 0)?;
         let free = Semaphore::recreate(&free, capacity as u32)?;
-        Ok(CommandQueue { path: path.to_path_buf(), env, db, items, free, capacity })
+        Ok(CommandQueue { path: path.to_path_buf(), h, items, free, capacity })
     }
 
     /// Opens an existing queue as a producer.
     pub fn open(path: &Path) -> Result<Self, HostError> {
-        let (env, db) = open_env(path, false)?;
-        let r = env.read_txn().map_err(|e| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() })?;
-        let capacity = u64_at(&db, &r, "capacity").unwrap_or(0);
+        let h = open_env(path, false)?;
+        let r = h.env.read_txn().map_err(|e| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() })?;
+        let capacity = u64_at(&h.db, &r, "capacity").unwrap_or(0);
         drop(r);
         if capacity == 0 {
             return Err(HostError::NoAgent(format!("{} is not an initialized command queue", path.display())));
@@ -93,7 +122,7 @@ impl CommandQueue {
         let no_agent = |e| HostError::NoAgent(format!("command queue semaphores for {}: {e}", path.display()));
         let items = Semaphore::open(&items).map_err(no_agent)?;
         let free = Semaphore::open(&free).map_err(no_agent)?;
-        Ok(CommandQueue { path: path.to_path_buf(), env, db, items, free, capacity })
+        Ok(CommandQueue { path: path.to_path_buf(), h, items, free, capacity })
     }
 
     fn lmdb(&self, e: heed::Error) -> HostError {
@@ -109,11 +138,11 @@ impl CommandQueue {
         if !self.free.wait_timeout(timeout)? {
             return Err(HostError::QueueFull { capacity: self.capacity, waited: timeout });
         }
-        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
-        let tail = u64_at(&self.db, &w, "tail").map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(&self.h.db, &w, "tail").map_err(|e| self.lmdb(e))?;
         let slot = format!("slot:{}", tail % self.capacity);
-        self.db.put(&mut w, slot.as_bytes(), bytes).map_err(|e| self.lmdb(e))?;
-        self.db.put(&mut w, b"tail", &(tail + 1).to_le_bytes()).map_err(|e| self.lmdb(e))?;
+        self.h.db.put(&mut w, slot.as_bytes(), bytes).map_err(|e| self.lmdb(e))?;
+        self.h.db.put(&mut w, b"tail", &(tail + 1).to_le_bytes()).map_err(|e| self.lmdb(e))?;
         w.commit().map_err(|e| self.lmdb(e))?;
         self.items.post()
     }
@@ -123,18 +152,18 @@ impl CommandQueue {
     /// and its post loses nothing (its command is taken on the next wake-up).
     pub fn dequeue(&self, timeout: Duration) -> Result<Option<Vec<u8>>, HostError> {
         let woke = self.items.wait_timeout(timeout)?;
-        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
-        let head = u64_at(&self.db, &w, "head").map_err(|e| self.lmdb(e))?;
-        let tail = u64_at(&self.db, &w, "tail").map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
+        let head = u64_at(&self.h.db, &w, "head").map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(&self.h.db, &w, "tail").map_err(|e| self.lmdb(e))?;
         if head >= tail {
             return Ok(None);
         }
         // When `woke` is false the item has no token (its producer died before posting): take it.
         let _ = woke;
         let slot = format!("slot:{}", head % self.capacity);
-        let v = self.db.get(&w, slot.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()).unwrap_or_default();
-        self.db.delete(&mut w, slot.as_bytes()).map_err(|e| self.lmdb(e))?;
-        self.db.put(&mut w, b"head", &(head + 1).to_le_bytes()).map_err(|e| self.lmdb(e))?;
+        let v = self.h.db.get(&w, slot.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()).unwrap_or_default();
+        self.h.db.delete(&mut w, slot.as_bytes()).map_err(|e| self.lmdb(e))?;
+        self.h.db.put(&mut w, b"head", &(head + 1).to_le_bytes()).map_err(|e| self.lmdb(e))?;
         w.commit().map_err(|e| self.lmdb(e))?;
         self.free.post()?;
         Ok(Some(v))
@@ -142,9 +171,9 @@ impl CommandQueue {
 
     /// Commands waiting.
     pub fn len(&self) -> Result<u64, HostError> {
-        let r = self.env.read_txn().map_err(|e| self.lmdb(e))?;
-        let head = u64_at(&self.db, &r, "head").map_err(|e| self.lmdb(e))?;
-        let tail = u64_at(&self.db, &r, "tail").map_err(|e| self.lmdb(e))?;
+        let r = self.h.env.read_txn().map_err(|e| self.lmdb(e))?;
+        let head = u64_at(&self.h.db, &r, "head").map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(&self.h.db, &r, "tail").map_err(|e| self.lmdb(e))?;
         Ok(tail - head)
     }
 
@@ -166,22 +195,19 @@ impl CommandQueue {
 /// The state store: string keys to msgpack values.
 pub struct StateStore {
     path: PathBuf,
-    env: Env,
-    db: Database<Bytes, Bytes>,
+    h: Arc<Handle>,
 }
 
 impl StateStore {
     /// Creates a fresh store (the agent), replacing stale files.
     pub fn create(path: &Path) -> Result<Self, HostError> {
         remove_env_files(path);
-        let (env, db) = open_env(path, true)?;
-        Ok(StateStore { path: path.to_path_buf(), env, db })
+        Ok(StateStore { path: path.to_path_buf(), h: open_env(path, true)? })
     }
 
     /// Opens an existing store (a client).
     pub fn open(path: &Path) -> Result<Self, HostError> {
-        let (env, db) = open_env(path, false)?;
-        Ok(StateStore { path: path.to_path_buf(), env, db })
+        Ok(StateStore { path: path.to_path_buf(), h: open_env(path, false)? })
     }
 
     fn lmdb(&self, e: heed::Error) -> HostError {
@@ -189,33 +215,34 @@ impl StateStore {
     }
 
     pub fn put(&self, key: &str, value: &[u8]) -> Result<(), HostError> {
-        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
-        self.db.put(&mut w, key.as_bytes(), value).map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
+        self.h.db.put(&mut w, key.as_bytes(), value).map_err(|e| self.lmdb(e))?;
         w.commit().map_err(|e| self.lmdb(e))
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, HostError> {
-        let r = self.env.read_txn().map_err(|e| self.lmdb(e))?;
-        Ok(self.db.get(&r, key.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()))
+        let r = self.h.env.read_txn().map_err(|e| self.lmdb(e))?;
+        Ok(self.h.db.get(&r, key.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()))
     }
 
     pub fn delete(&self, key: &str) -> Result<(), HostError> {
-        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
-        self.db.delete(&mut w, key.as_bytes()).map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
+        self.h.db.delete(&mut w, key.as_bytes()).map_err(|e| self.lmdb(e))?;
         w.commit().map_err(|e| self.lmdb(e))
     }
 
     /// Deletes every key starting with `prefix`.
     pub fn delete_prefix(&self, prefix: &str) -> Result<(), HostError> {
-        let mut w = self.env.write_txn().map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
         let keys: Vec<Vec<u8>> = self
+            .h
             .db
             .prefix_iter(&w, prefix.as_bytes())
             .map_err(|e| self.lmdb(e))?
             .filter_map(|kv| kv.ok().map(|(k, _)| k.to_vec()))
             .collect();
         for k in keys {
-            self.db.delete(&mut w, &k).map_err(|e| self.lmdb(e))?;
+            self.h.db.delete(&mut w, &k).map_err(|e| self.lmdb(e))?;
         }
         w.commit().map_err(|e| self.lmdb(e))
     }
