@@ -35,5 +35,5 @@ TENSORBUS_BIN="$PWD/target/release/tensorbus" .venv/bin/python -m pytest -q pyth
 
 echo "== demo and benchmark smoke runs"
 ./target/release/tensorbus demo --scale 32 --repeat 2 --json >/dev/null
-./target/release/tensorbus bench planner --iters 1 >/dev/null
+./target/release/tensorbus bench all --smoke --out target/bench-smoke >/dev/null
 echo "== all tests passed"

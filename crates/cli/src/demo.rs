@@ -69,6 +69,7 @@ struct DemoResult {
     memcpy_nthread_gbps: f64,
     memcpy_threads: usize,
     ratio_to_memcpy_1thread: f64,
+    agent_peak_anon_bytes: u64,
     verified: bool,
     mismatches: u64,
 }
@@ -85,17 +86,57 @@ fn fmt_placements(l: &Layout) -> String {
     l.placements().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
 }
 
-/// The pairs and tensors to move: the default 8B workload, or every tensor of it on one custom pair.
-/// What the demo moves: a name, the pairs, the tensors, and the two world sizes.
-struct Plan {
-    name: String,
-    pairs: Vec<PairSpec>,
-    tensors: Vec<TensorSpec>,
-    n_src: usize,
-    n_dst: usize,
+/// What a run moves: a name, the pairs, the tensors, and the two world sizes.
+pub struct Plan {
+    pub name: String,
+    pub pairs: Vec<PairSpec>,
+    pub tensors: Vec<TensorSpec>,
+    pub n_src: usize,
+    pub n_dst: usize,
 }
 
-fn build(a: &DemoArgs) -> Result<Plan, String> {
+/// How a run goes.
+pub struct RunOpts {
+    pub repeat: usize,
+    pub bucket_size: Option<u64>,
+    pub copy_threads: usize,
+    pub timeout: f64,
+    pub progress: bool,
+    /// Fill sources with the test pattern and verify every received element (else only touch the
+    /// memory, for large benchmark tensors).
+    pub check: bool,
+}
+
+/// What a run measured.
+pub struct Run {
+    /// Bytes written to destinations per transfer.
+    pub bytes: u64,
+    /// Per transfer, the slowest receiver's seconds from its `Transfer` call to completion.
+    pub seconds: Vec<f64>,
+    pub verified: bool,
+    pub mismatches: u64,
+    /// Peak anonymous (private, non-shared) memory of any agent, sampled during the run.
+    pub agent_peak_anon_bytes: u64,
+}
+
+impl Run {
+    pub fn best(&self) -> f64 {
+        self.seconds.iter().cloned().fold(f64::INFINITY, f64::min)
+    }
+
+    pub fn median(&self) -> f64 {
+        let mut v = self.seconds.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+
+    pub fn gbps(&self, seconds: f64) -> f64 {
+        self.bytes as f64 / seconds.max(1e-9) / 1e9
+    }
+}
+
+/// The pairs and tensors to move: the default 8B workload, or every tensor of it on one custom pair.
+pub fn build(a: &DemoArgs) -> Result<Plan, String> {
     let dtype: DType = a.dtype.parse().map_err(|e: tensorbus_planner::PlanError| e.to_string())?;
     let w = workload::dense_8b(a.scale.max(1), dtype);
     let custom =
@@ -176,14 +217,43 @@ fn build(a: &DemoArgs) -> Result<Plan, String> {
     Ok(Plan { name, pairs, tensors, n_src: src.world_size(), n_dst: dst.world_size() })
 }
 
-pub fn run(a: &DemoArgs) -> Result<bool, String> {
-    let Plan { name, pairs, tensors, n_src, n_dst } = build(a)?;
-    let (src_layout, dst_layout) = pairs[0].layouts()?;
-    let dir = std::env::temp_dir().join(format!("tensorbus-demo-{}", std::process::id()));
+/// `RssAnon` of a process, in bytes (0 when unreadable).
+fn rss_anon(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("RssAnon:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Runs `plan` on this host: command node, agents and workers, `opts.repeat` transfers.
+pub fn execute(plan: &Plan, opts: &RunOpts) -> Result<Run, String> {
+    let Plan { pairs, tensors, n_src, n_dst, .. } = plan;
+    let (n_src, n_dst) = (*n_src, *n_dst);
+    let repeat = opts.repeat.max(1);
+    let dir = std::env::temp_dir().join(format!(
+        "tensorbus-demo-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let _cleanup = RemoveDir(dir.clone());
     let node = EmbeddedCommandNode::start("127.0.0.1:0")?;
-    let mut agents = Agents::spawn(n_src + n_dst, 0, &dir, &node.endpoints, a.copy_threads.max(1), true)?;
+    let mut agents = Agents::spawn(n_src + n_dst, 0, &dir, &node.endpoints, opts.copy_threads.max(1), true)?;
+    let agent_pids: Vec<u32> = agents.children.iter().map(|c| c.id()).collect();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = agent_pids.iter().map(|&p| rss_anon(p)).fold(peak, u64::max);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
 
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel::<Report>();
@@ -200,9 +270,10 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
                 pairs: pairs.clone(),
                 tensors: tensors.clone(),
                 batch_id: "weights".into(),
-                bucket_size: a.bucket_size,
-                repeat: a.repeat.max(1),
-                timeout_s: a.timeout,
+                bucket_size: opts.bucket_size,
+                repeat,
+                timeout_s: opts.timeout,
+                check: opts.check,
             };
             let mut child = Command::new(&exe)
                 .args(["worker", "--spec", &serde_json::to_string(&spec).expect("encodes")])
@@ -225,13 +296,13 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
     drop(tx);
 
     let total_workers = n_src + n_dst;
-    let steps = (total_workers * (3 + a.repeat.max(1))) as u64;
-    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(steps) };
+    let steps = (total_workers * (3 + repeat)) as u64;
+    let bar = if opts.progress { ProgressBar::new(steps) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}").expect("template"),
     );
     bar.set_message("pairing");
-    let deadline = Instant::now() + Duration::from_secs_f64(a.timeout * (3.0 + a.repeat as f64));
+    let deadline = Instant::now() + Duration::from_secs_f64(opts.timeout * (3.0 + repeat as f64));
     let mut done: Vec<Report> = Vec::new();
     let mut errors: Vec<Report> = Vec::new();
     while done.len() + errors.len() < total_workers {
@@ -249,7 +320,7 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
                 bar.abandon_with_message("timed out");
-                return Err(format!("demo timed out: {} of {total_workers} workers finished", done.len()));
+                return Err(format!("run timed out: {} of {total_workers} workers finished", done.len()));
             }
             Err(_) => {}
         }
@@ -258,6 +329,8 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
     for mut w in workers {
         let _ = w.wait();
     }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let agent_peak_anon_bytes = sampler.join().unwrap_or(0);
     agents.stop(Duration::from_secs(5));
     drop(node);
     if !errors.is_empty() || done.len() < total_workers {
@@ -267,63 +340,79 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
             if msgs.is_empty() { "a worker exited without reporting".into() } else { msgs.join("\n  ") }
         ));
     }
-
     let receivers: Vec<&Report> = done.iter().filter(|r| r.side == "dst").collect();
-    let bytes: u64 = receivers.iter().map(|r| r.bytes).sum();
-    let per_epoch: Vec<f64> = (0..a.repeat.max(1))
-        .map(|i| receivers.iter().filter_map(|r| r.seconds.get(i)).cloned().fold(0.0, f64::max))
-        .collect();
-    let mut sorted = per_epoch.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let gbps = |s: f64| bytes as f64 / s.max(1e-9) / 1e9;
-    let mismatches: u64 = receivers.iter().map(|r| r.mismatches).sum();
-    let verified = receivers.iter().all(|r| r.verified == Some(true));
-    let probe = (bytes as usize).clamp(16 << 20, 256 << 20);
+    Ok(Run {
+        bytes: receivers.iter().map(|r| r.bytes).sum(),
+        seconds: (0..repeat)
+            .map(|i| receivers.iter().filter_map(|r| r.seconds.get(i)).cloned().fold(0.0, f64::max))
+            .collect(),
+        verified: receivers.iter().all(|r| r.verified == Some(true)),
+        mismatches: receivers.iter().map(|r| r.mismatches).sum(),
+        agent_peak_anon_bytes,
+    })
+}
+
+static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn run(a: &DemoArgs) -> Result<bool, String> {
+    let plan = build(a)?;
+    let (src_layout, dst_layout) = plan.pairs[0].layouts()?;
+    let opts = RunOpts {
+        repeat: a.repeat,
+        bucket_size: a.bucket_size,
+        copy_threads: a.copy_threads,
+        timeout: a.timeout,
+        progress: !a.json,
+        check: true,
+    };
+    let r = execute(&plan, &opts)?;
+    let probe = (r.bytes as usize).clamp(16 << 20, 256 << 20);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let m1 = tensorbus_transport::exec::memcpy_gbps(probe, 1, 3);
     let mn = tensorbus_transport::exec::memcpy_gbps(probe, threads, 3);
     let res = DemoResult {
-        workload: name,
+        workload: plan.name.clone(),
         source: src_layout.to_string(),
         destination: dst_layout.to_string(),
-        tensors: tensors.len(),
+        tensors: plan.tensors.len(),
         dtype: a.dtype.clone(),
-        bytes,
-        repeat: a.repeat.max(1),
-        best_gbps: gbps(sorted[0]),
-        median_gbps: gbps(sorted[sorted.len() / 2]),
-        seconds: per_epoch,
+        bytes: r.bytes,
+        repeat: r.seconds.len(),
+        best_gbps: r.gbps(r.best()),
+        median_gbps: r.gbps(r.median()),
+        seconds: r.seconds.clone(),
         memcpy_1thread_gbps: m1,
         memcpy_nthread_gbps: mn,
         memcpy_threads: threads,
-        ratio_to_memcpy_1thread: gbps(sorted[0]) / m1,
-        verified,
-        mismatches,
+        ratio_to_memcpy_1thread: r.gbps(r.best()) / m1,
+        agent_peak_anon_bytes: r.agent_peak_anon_bytes,
+        verified: r.verified,
+        mismatches: r.mismatches,
     };
     if a.json {
         println!("{}", serde_json::to_string(&res).expect("encodes"));
     } else {
         println!("tensorbus demo: {}", res.workload);
         println!(
-            "  {} tensors, {}, source {} ({n_src} ranks) -> destination {} ({n_dst} ranks)",
-            res.tensors, res.dtype, res.source, res.destination
+            "  {} tensors, {}, source {} ({} ranks) -> destination {} ({} ranks)",
+            res.tensors, res.dtype, res.source, plan.n_src, res.destination, plan.n_dst
         );
         println!();
-        println!("| bytes per transfer | best s | best GB/s | median GB/s | memcpy 1-thread GB/s | memcpy {}-thread GB/s | best / memcpy 1-thread | verified |", threads);
+        println!("| bytes per transfer | best s | best GB/s | median GB/s | memcpy 1-thread GB/s | memcpy {threads}-thread GB/s | best / memcpy 1-thread | verified |");
         println!("|---:|---:|---:|---:|---:|---:|---:|---|");
         println!(
             "| {} | {:.4} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             res.bytes,
-            sorted[0],
+            r.best(),
             res.best_gbps,
             res.median_gbps,
             m1,
             mn,
             res.ratio_to_memcpy_1thread,
-            if verified { "yes, every element".to_string() } else { format!("NO: {mismatches} elements differ") }
+            if r.verified { "yes, every element".to_string() } else { format!("NO: {} elements differ", r.mismatches) }
         );
     }
-    Ok(verified)
+    Ok(r.verified)
 }
 
 struct RemoveDir(std::path::PathBuf);

@@ -109,6 +109,16 @@ struct AgentArgs {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Everything: transfers vs memcpy / process_vm_readv, resharding vs a naive baseline, round
+    /// trips, agent memory, planner; writes results.md and results.json.
+    All {
+        /// Reduced sizes and counts (CI), no timing claims.
+        #[arg(long)]
+        smoke: bool,
+        /// Directory for results.md and results.json.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     /// Planner time for the 8B-class and 1T-class workloads.
     Planner {
         /// Timed repetitions per row (the median is reported).
@@ -220,6 +230,16 @@ fn main() -> ExitCode {
         Cmd::Plan(args) => plan_cmd::run(&args),
         Cmd::Status { command_inbox, json } => status::run(&command_inbox, json),
         Cmd::Ctl { command_inbox, what } => ctl::run(&command_inbox, what),
+        Cmd::Bench { what: BenchWhat::All { smoke, out } } => (|| {
+            let s = bench::suite(smoke, |m| eprintln!("bench: {m}"))?;
+            let planner = bench::planner(if smoke { 1 } else { 5 });
+            let md = format!("{}\n### Planner\n\n{}", bench::suite_markdown(&s), bench::planner_markdown(&planner));
+            print!("{md}");
+            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+            std::fs::write(out.join("results.md"), &md).map_err(|e| e.to_string())?;
+            let json = serde_json::json!({"suite": s, "planner": serde_json::from_str::<serde_json::Value>(&bench::planner_json(&planner)).unwrap_or_default()});
+            std::fs::write(out.join("results.json"), json.to_string()).map_err(|e| e.to_string())
+        })(),
         Cmd::Bench { what: BenchWhat::Planner { iters, out } } => {
             let rows = bench::planner(iters.max(1));
             let md = bench::planner_markdown(&rows);

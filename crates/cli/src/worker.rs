@@ -55,6 +55,13 @@ pub struct WorkerSpec {
     pub bucket_size: Option<u64>,
     pub repeat: usize,
     pub timeout_s: f64,
+    /// Fill and verify with the test pattern (else only touch the memory).
+    #[serde(default = "yes")]
+    pub check: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a worker reports, one JSON object per line.
@@ -155,7 +162,11 @@ fn work(spec: &WorkerSpec, base: &Report) -> Result<(), String> {
         }
     }
     let _unlink = Unlink(seg_name.clone());
-    if is_src {
+    if !spec.check {
+        // Touch every page so that transfers are not timed with page faults.
+        // SAFETY: the segment is ours and no transfer runs yet.
+        unsafe { seg.as_mut_slice().fill(1) };
+    } else if is_src {
         for (i, t) in spec.tensors.iter().enumerate() {
             let (local, nbytes, dtype) = &locals[i];
             let _ = local;
@@ -204,7 +215,7 @@ fn work(spec: &WorkerSpec, base: &Report) -> Result<(), String> {
         return Err("transfer signal not set after the last transfer".into());
     }
     let (mut verified, mut mismatches) = (None, 0);
-    if !is_src {
+    if !is_src && spec.check {
         for (i, t) in spec.tensors.iter().enumerate() {
             let (_, nbytes, dtype) = &locals[i];
             // SAFETY: the transfer is over; nobody writes the segment now.

@@ -10,10 +10,10 @@ use tensorbus_host::client::{generate_semaphore_name, TensorBusClient};
 use tensorbus_host::HostError;
 use tensorbus_planner::Placement;
 use tensorbus_protocol::host::{ErrorKind, TransferType};
-use tensorbus_protocol::payload::{Memory, TensorDesc, PAYLOAD_VERSION};
+use tensorbus_protocol::payload::{Memory, TensorDesc};
 use tensorbus_transport::shm::ShmSegment;
 
-const T: Duration = Duration::from_secs(20);
+use common::{pair_up, register_both, shm_desc, T};
 
 fn remote_kind(e: &HostError) -> Option<ErrorKind> {
     match e {
@@ -23,32 +23,7 @@ fn remote_kind(e: &HostError) -> Option<ErrorKind> {
 }
 
 fn desc(seg: &str, offset: u64, shape: &[u64]) -> TensorDesc {
-    let n: u64 = shape.iter().product();
-    TensorDesc {
-        version: PAYLOAD_VERSION,
-        name: Some("w".into()),
-        dtype: "float32".into(),
-        shape: shape.to_vec(),
-        strides: tensorbus_planner::contiguous_strides(shape),
-        device: "cpu".into(),
-        memory: Memory::Shm { name: seg.into(), offset },
-        nbytes: n * 4,
-        pid: None,
-    }
-}
-
-/// Pairs agent 0 (source, 1 rank) with agent 1 (destination, 1 rank) on pair "p".
-fn pair_up(job: &Job) -> (TensorBusClient, TensorBusClient) {
-    let (a, b) = (job.client(0), job.client(1));
-    let mut pa = a
-        .init_pair("p", "trainer", "inference", 1, Some((vec![1], 0)), Some(&[Placement::Replicate]), false, T)
-        .unwrap();
-    let mut pb = b
-        .init_pair("p", "inference", "trainer", 1, Some((vec![1], 0)), Some(&[Placement::Replicate]), false, T)
-        .unwrap();
-    pa.wait(T).unwrap();
-    pb.wait(T).unwrap();
-    (a, b)
+    shm_desc(seg, offset, shape, "float32")
 }
 
 #[test]
@@ -154,12 +129,8 @@ fn transfer_cleanup_and_reuse_of_a_batch_id() {
     for round in 0..2u8 {
         // SAFETY: no transfer runs while we fill.
         unsafe { seg.as_mut_slice()[..128].fill(round + 1) };
-        let (ta, tb) = ([(desc(&name, 0, &[8, 4]), "p")], [(desc(&name, 512, &[8, 4]), "p")]);
-        let (ha, hb) = std::thread::scope(|s| {
-            let h = s.spawn(|| a.register_tensors("w", &ta, None, T).unwrap());
-            let hb = b.register_tensors("w", &tb, None, T).unwrap();
-            (h.join().unwrap(), hb)
-        });
+        let ta = [(desc(&name, 0, &[8, 4]), "p")];
+        let (ha, hb) = register_both(&a, &b, "w", desc(&name, 0, &[8, 4]), desc(&name, 512, &[8, 4]));
         assert!(!ha.query_transfer_signal(T).unwrap());
         let mut ps = ha.transfer(TransferType::Send, false, T).unwrap();
         let mut pr = hb.transfer(TransferType::Recv, false, T).unwrap();
@@ -253,12 +224,7 @@ fn cross_memory_attach_at_either_end() {
             dst_heap.fill(0);
             dd.memory = cma(&mut dst_heap);
         }
-        let (ta, tb) = ([(ds, "p")], [(dd, "p")]);
-        let (ha, hb) = std::thread::scope(|s| {
-            let h = s.spawn(|| a.register_tensors("c", &ta, None, T).unwrap());
-            let hb = b.register_tensors("c", &tb, None, T).unwrap();
-            (h.join().unwrap(), hb)
-        });
+        let (ha, hb) = register_both(&a, &b, "c", ds, dd);
         let mut ps = ha.transfer(TransferType::Send, false, T).unwrap();
         hb.transfer(TransferType::Recv, true, T).unwrap();
         ps.wait(T).unwrap();

@@ -9,39 +9,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tensorbus_host::client::{BatchHandler, TensorBusClient};
 use tensorbus_host::HostError;
-use tensorbus_planner::Placement;
-use tensorbus_protocol::payload::{Memory, TensorDesc, PAYLOAD_VERSION};
 use tensorbus_transport::shm::ShmSegment;
 
-const T: Duration = Duration::from_secs(30);
+use common::{pair_up, register_both, shm_desc, T};
 
-fn desc(seg: &str, offset: u64) -> TensorDesc {
-    TensorDesc {
-        version: PAYLOAD_VERSION,
-        name: Some("w".into()),
-        dtype: "uint8".into(),
-        shape: vec![256],
-        strides: vec![1],
-        device: "cpu".into(),
-        memory: Memory::Shm { name: seg.into(), offset },
-        nbytes: 256,
-        pid: None,
-    }
-}
-
+/// Pairs agents 0 and 1 and registers a 256-byte batch "b" (source at 0, destination at 1024).
 fn setup(job: &Job, seg: &str) -> (TensorBusClient, TensorBusClient, BatchHandler, BatchHandler) {
-    let (a, b) = (job.client(0), job.client(1));
-    let pl = [Placement::Replicate];
-    let mut pa = a.init_pair("p", "trainer", "inference", 1, Some((vec![1], 0)), Some(&pl), false, T).unwrap();
-    let mut pb = b.init_pair("p", "inference", "trainer", 1, Some((vec![1], 0)), Some(&pl), false, T).unwrap();
-    pa.wait(T).unwrap();
-    pb.wait(T).unwrap();
-    let (ta, tb) = ([(desc(seg, 0), "p")], [(desc(seg, 1024), "p")]);
-    let (ha, hb) = std::thread::scope(|s| {
-        let h = s.spawn(|| a.register_tensors("b", &ta, None, T).unwrap());
-        let hb = b.register_tensors("b", &tb, None, T).unwrap();
-        (h.join().unwrap(), hb)
-    });
+    let (a, b) = pair_up(job);
+    let (ha, hb) = register_both(&a, &b, "b", shm_desc(seg, 0, &[256], "uint8"), shm_desc(seg, 1024, &[256], "uint8"));
     (a, b, ha, hb)
 }
 

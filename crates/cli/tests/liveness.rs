@@ -11,42 +11,23 @@ use tensorbus_host::client::{BatchHandler, TensorBusClient};
 use tensorbus_host::HostError;
 use tensorbus_planner::Placement;
 use tensorbus_protocol::host::{ErrorKind, TransferType};
-use tensorbus_protocol::payload::{Memory, TensorDesc, PAYLOAD_VERSION};
 use tensorbus_transport::shm::ShmSegment;
 
-const T: Duration = Duration::from_secs(30);
-
-fn desc(seg: &str, offset: u64) -> TensorDesc {
-    TensorDesc {
-        version: PAYLOAD_VERSION,
-        name: Some("w".into()),
-        dtype: "float32".into(),
-        shape: vec![64],
-        strides: vec![1],
-        device: "cpu".into(),
-        memory: Memory::Shm { name: seg.into(), offset },
-        nbytes: 256,
-        pid: None,
-    }
-}
+use common::{pair_up, register_both, shm_desc, T};
 
 fn pair(c: &TensorBusClient, local: &str, remote: &str) -> tensorbus_host::client::Pending {
     c.init_pair("p", local, remote, 1, Some((vec![1], 0)), Some(&[Placement::Replicate]), false, T).unwrap()
 }
 
-/// Pairs and registers a 1-rank to 1-rank batch "b" between agents 0 and 1.
+/// Pairs agents 0 and 1 and registers a 256-byte batch "b" (source at 0, destination at 1024).
 fn setup(job: &Job, seg: &str) -> (TensorBusClient, TensorBusClient, BatchHandler, BatchHandler) {
-    let (a, b) = (job.client(0), job.client(1));
-    let (mut pa, mut pb) = (pair(&a, "trainer", "inference"), pair(&b, "inference", "trainer"));
-    pa.wait(T).unwrap();
-    pb.wait(T).unwrap();
-    let (ta, tb) = ([(desc(seg, 0), "p")], [(desc(seg, 1024), "p")]);
-    let (ha, hb) = std::thread::scope(|s| {
-        let h = s.spawn(|| a.register_tensors("b", &ta, None, T).unwrap());
-        let hb = b.register_tensors("b", &tb, None, T).unwrap();
-        (h.join().unwrap(), hb)
-    });
+    let (a, b) = pair_up(job);
+    let (ha, hb) = register_both(&a, &b, "b", desc(seg, 0), desc(seg, 1024));
     (a, b, ha, hb)
+}
+
+fn desc(seg: &str, offset: u64) -> tensorbus_protocol::payload::TensorDesc {
+    shm_desc(seg, offset, &[64], "float32")
 }
 
 fn transfer_once(ha: &BatchHandler, hb: &BatchHandler) -> Result<(), HostError> {

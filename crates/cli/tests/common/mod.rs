@@ -147,3 +147,48 @@ impl Drop for Job {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+pub const T: Duration = Duration::from_secs(30);
+
+/// A contiguous local shard of `shape` in shared memory `seg` at `offset`.
+pub fn shm_desc(seg: &str, offset: u64, shape: &[u64], dtype: &str) -> tensorbus_protocol::payload::TensorDesc {
+    let es = dtype.parse::<tensorbus_planner::DType>().unwrap().size() as u64;
+    tensorbus_protocol::payload::TensorDesc {
+        version: tensorbus_protocol::payload::PAYLOAD_VERSION,
+        name: Some("w".into()),
+        dtype: dtype.into(),
+        shape: shape.to_vec(),
+        strides: tensorbus_planner::contiguous_strides(shape),
+        device: "cpu".into(),
+        memory: tensorbus_protocol::payload::Memory::Shm { name: seg.into(), offset },
+        nbytes: shape.iter().product::<u64>() * es,
+        pid: None,
+    }
+}
+
+/// Pairs agent 0 (side "trainer", 1 rank) with agent 1 ("inference", 1 rank) on pair "p".
+pub fn pair_up(job: &Job) -> (tensorbus_host::client::TensorBusClient, tensorbus_host::client::TensorBusClient) {
+    let (a, b) = (job.client(0), job.client(1));
+    let pl = [tensorbus_planner::Placement::Replicate];
+    let mut pa = a.init_pair("p", "trainer", "inference", 1, Some((vec![1], 0)), Some(&pl), false, T).unwrap();
+    let mut pb = b.init_pair("p", "inference", "trainer", 1, Some((vec![1], 0)), Some(&pl), false, T).unwrap();
+    pa.wait(T).unwrap();
+    pb.wait(T).unwrap();
+    (a, b)
+}
+
+/// Registers batch `id` on both sides at once (registration completes only when both have).
+pub fn register_both(
+    a: &tensorbus_host::client::TensorBusClient,
+    b: &tensorbus_host::client::TensorBusClient,
+    id: &str,
+    ta: tensorbus_protocol::payload::TensorDesc,
+    tb: tensorbus_protocol::payload::TensorDesc,
+) -> (tensorbus_host::client::BatchHandler, tensorbus_host::client::BatchHandler) {
+    let (ta, tb) = ([(ta, "p")], [(tb, "p")]);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| a.register_tensors(id, &ta, None, T).unwrap());
+        let hb = b.register_tensors(id, &tb, None, T).unwrap();
+        (h.join().unwrap(), hb)
+    })
+}
