@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tensorbus_planner::Placement;
@@ -34,6 +34,17 @@ struct Inner {
     agent_rank: usize,
     queue: CommandQueue,
     state: StateStore,
+    /// Semaphores of completed commands, reused (creating and unlinking one per command costs
+    /// more than the rest of a round trip). Only semaphores whose post was consumed come back.
+    pool: Mutex<Vec<Semaphore>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for s in self.pool.get_mut().unwrap().drain(..) {
+            Semaphore::unlink(s.name());
+        }
+    }
 }
 
 impl Inner {
@@ -64,12 +75,23 @@ impl Inner {
         Ok(hb)
     }
 
-    fn submit(self: &Arc<Self>, cmd: Command, sem_name: String, timeout: Duration) -> Result<Pending, HostError> {
+    /// Enqueues the command `build` makes for a completion semaphore's name.
+    fn submit(
+        self: &Arc<Self>,
+        (kind, context): (&str, &str),
+        build: impl FnOnce(String) -> Command,
+        timeout: Duration,
+    ) -> Result<Pending, HostError> {
         self.check_alive()?;
-        let sem = Semaphore::create(&sem_name, 0)?;
+        let pooled = self.pool.lock().unwrap().pop();
+        let sem = match pooled {
+            Some(s) => s,
+            None => Semaphore::create(&generate_semaphore_name(kind, context), 0)?,
+        };
+        let cmd = build(sem.name().to_string());
         let what = format!("{} on agent {}", cmd.type_name(), self.agent_rank);
         self.queue.enqueue(&cmd.encode(), timeout)?;
-        Ok(Pending { inner: self.clone(), sem, what, result: None })
+        Ok(Pending { inner: self.clone(), sem: Some(sem), what, result: None, consumed: false })
     }
 }
 
@@ -77,26 +99,33 @@ impl Inner {
 /// on with a timeout; unlike it, waiting also reports the command's outcome.
 pub struct Pending {
     inner: Arc<Inner>,
-    sem: Semaphore,
+    sem: Option<Semaphore>,
     what: String,
     result: Option<CommandResult>,
+    /// The agent's post was taken: the semaphore is back at 0 and may be reused.
+    consumed: bool,
 }
 
 impl Pending {
     /// The semaphore's name (what the agent posts).
     pub fn name(&self) -> &str {
-        self.sem.name()
+        self.sem.as_ref().expect("present until drop").name()
     }
 
     /// Waits up to `timeout` for the command; returns its result value, or its error.
     pub fn wait(&mut self, timeout: Duration) -> Result<Option<bool>, HostError> {
         if let Some(r) = &self.result {
-            return Ok(r.value);
+            return match &r.error {
+                Some(e) => Err(HostError::Remote(e.clone())),
+                None => Ok(r.value),
+            };
         }
         let deadline = Instant::now() + timeout;
+        let sem = self.sem.as_ref().expect("present until drop");
         loop {
             let slice = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
-            if self.sem.wait_timeout(slice)? {
+            if sem.wait_timeout(slice)? {
+                self.consumed = true;
                 break;
             }
             if Instant::now() >= deadline {
@@ -104,7 +133,7 @@ impl Pending {
             }
             self.inner.check_alive()?;
         }
-        let key = keys::command_result(self.sem.name());
+        let key = keys::command_result(sem.name());
         let bytes = self.inner.state.get(&key)?.ok_or_else(|| {
             HostError::Protocol(tensorbus_protocol::ProtocolError::BadPayload(format!(
                 "{}: no result stored",
@@ -113,12 +142,12 @@ impl Pending {
         })?;
         let _ = self.inner.state.delete(&key);
         let r = CommandResult::decode(&bytes)?;
-        if let Some(e) = &r.error {
-            return Err(HostError::Remote(e.clone()));
-        }
-        let v = r.value;
+        let out = match &r.error {
+            Some(e) => Err(HostError::Remote(e.clone())),
+            None => Ok(r.value),
+        };
         self.result = Some(r);
-        Ok(v)
+        out
     }
 
     /// True once the command completed (successfully or not) without blocking.
@@ -129,7 +158,14 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        Semaphore::unlink(self.sem.name());
+        let Some(sem) = self.sem.take() else { return };
+        let mut pool = self.inner.pool.lock().unwrap();
+        if self.consumed && pool.len() < 16 {
+            pool.push(sem);
+        } else {
+            // A post may still come (or came and was not taken): never reuse this one.
+            Semaphore::unlink(sem.name());
+        }
     }
 }
 
@@ -155,7 +191,12 @@ impl TensorBusClient {
         let deadline = Instant::now() + connection_timeout;
         loop {
             let attempt = (|| {
-                let inner = Inner { agent_rank, queue: CommandQueue::open(&qp)?, state: StateStore::open(&sp)? };
+                let inner = Inner {
+                    agent_rank,
+                    queue: CommandQueue::open(&qp)?,
+                    state: StateStore::open(&sp)?,
+                    pool: Mutex::new(Vec::new()),
+                };
                 inner.check_alive()?;
                 Ok::<_, HostError>(inner)
             })();
@@ -178,8 +219,14 @@ impl TensorBusClient {
         Ok(self.inner.check_alive()?.pid)
     }
 
-    fn run(&self, cmd: Command, sem: String, blocking: bool, timeout: Duration) -> Result<Pending, HostError> {
-        let mut p = self.inner.submit(cmd, sem, timeout)?;
+    fn run(
+        &self,
+        kind: (&str, &str),
+        cmd: impl FnOnce(String) -> Command,
+        blocking: bool,
+        timeout: Duration,
+    ) -> Result<Pending, HostError> {
+        let mut p = self.inner.submit(kind, cmd, timeout)?;
         if blocking {
             p.wait(timeout)?;
         }
@@ -200,18 +247,20 @@ impl TensorBusClient {
         blocking: bool,
         timeout: Duration,
     ) -> Result<Pending, HostError> {
-        let sem = generate_semaphore_name("InitPair", pair_name);
-        let cmd = Command::InitPair(InitPair {
-            pair_name: pair_name.into(),
-            local_name: local_name.into(),
-            remote_name: remote_name.into(),
-            expected_world_size: expected_world_size as u64,
-            mesh_shape_payload: mesh.map(|(s, r)| MeshPayload::new(s, r).encode().into()),
-            placements_payload: placements.map(|p| PlacementsPayload::new(p).encode().into()),
-            timestamp: Some(keys::unix_now()),
-            semaphore_name: Some(sem.clone()),
-        });
-        self.run(cmd, sem, blocking, timeout)
+        let kind = ("InitPair", pair_name);
+        let cmd = move |sem: String| {
+            Command::InitPair(InitPair {
+                pair_name: pair_name.into(),
+                local_name: local_name.into(),
+                remote_name: remote_name.into(),
+                expected_world_size: expected_world_size as u64,
+                mesh_shape_payload: mesh.map(|(s, r)| MeshPayload::new(s, r).encode().into()),
+                placements_payload: placements.map(|p| PlacementsPayload::new(p).encode().into()),
+                timestamp: Some(keys::unix_now()),
+                semaphore_name: Some(sem),
+            })
+        };
+        self.run(kind, cmd, blocking, timeout)
     }
 
     /// Registers tensors (local shards) across pairs under `batch_id`; blocks until both sides have
@@ -223,22 +272,24 @@ impl TensorBusClient {
         bucket_size: Option<u64>,
         timeout: Duration,
     ) -> Result<BatchHandler, HostError> {
-        let sem = generate_semaphore_name("RegisterTensors", batch_id);
-        let cmd = Command::RegisterTensors(RegisterTensors {
-            batch_id: batch_id.into(),
-            tensors: tensors
-                .iter()
-                .map(|(d, p)| {
-                    let mut d = d.clone();
-                    d.pid.get_or_insert(std::process::id());
-                    (p.to_string(), d.encode().into())
-                })
-                .collect(),
-            bucket_size,
-            timestamp: Some(keys::unix_now()),
-            semaphore_name: Some(sem.clone()),
-        });
-        self.run(cmd, sem, true, timeout)?;
+        let kind = ("RegisterTensors", batch_id);
+        let cmd = move |sem: String| {
+            Command::RegisterTensors(RegisterTensors {
+                batch_id: batch_id.into(),
+                tensors: tensors
+                    .iter()
+                    .map(|(d, p)| {
+                        let mut d = d.clone();
+                        d.pid.get_or_insert(std::process::id());
+                        (p.to_string(), d.encode().into())
+                    })
+                    .collect(),
+                bucket_size,
+                timestamp: Some(keys::unix_now()),
+                semaphore_name: Some(sem),
+            })
+        };
+        self.run(kind, cmd, true, timeout)?;
         let mut pair_names: Vec<String> = tensors.iter().map(|(_, p)| p.to_string()).collect();
         pair_names.dedup();
         Ok(BatchHandler {
@@ -256,51 +307,59 @@ impl TensorBusClient {
         blocking: bool,
         timeout: Duration,
     ) -> Result<Pending, HostError> {
-        let sem = generate_semaphore_name("Transfer", batch_id);
-        let cmd = Command::Transfer(Transfer {
-            batch_id: batch_id.into(),
-            transfer_type,
-            timestamp: Some(keys::unix_now()),
-            semaphore_name: Some(sem.clone()),
-        });
-        self.run(cmd, sem, blocking, timeout)
+        let kind = ("Transfer", batch_id);
+        let cmd = move |sem: String| {
+            Command::Transfer(Transfer {
+                batch_id: batch_id.into(),
+                transfer_type,
+                timestamp: Some(keys::unix_now()),
+                semaphore_name: Some(sem),
+            })
+        };
+        self.run(kind, cmd, blocking, timeout)
     }
 
     /// Whether the sending side has finished its latest transfer of the batch.
     pub fn query_transfer_signal(&self, batch_id: &str, timeout: Duration) -> Result<bool, HostError> {
-        let sem = generate_semaphore_name("QueryStatus", batch_id);
-        let cmd = Command::QueryStatus(QueryStatus {
-            batch_id: batch_id.into(),
-            state_name: "transfer_signal".into(),
-            timestamp: Some(keys::unix_now()),
-            semaphore_name: Some(sem.clone()),
-        });
-        let mut p = self.run(cmd, sem, true, timeout)?;
+        let kind = ("QueryStatus", batch_id);
+        let cmd = move |sem: String| {
+            Command::QueryStatus(QueryStatus {
+                batch_id: batch_id.into(),
+                state_name: "transfer_signal".into(),
+                timestamp: Some(keys::unix_now()),
+                semaphore_name: Some(sem),
+            })
+        };
+        let mut p = self.run(kind, cmd, true, timeout)?;
         Ok(p.wait(timeout)?.unwrap_or(false))
     }
 
     /// Blocks until epoch `n` (0-based, counting every transfer of the batch, worker- or
     /// controller-driven) has ended on every agent taking part, on both sides.
     pub fn wait_epoch(&self, batch_id: &str, n: u64, timeout: Duration) -> Result<(), HostError> {
-        let sem = generate_semaphore_name("QueryStatus", batch_id);
-        let cmd = Command::QueryStatus(QueryStatus {
-            batch_id: batch_id.into(),
-            state_name: format!("epoch_ended:{n}"),
-            timestamp: Some(keys::unix_now()),
-            semaphore_name: Some(sem.clone()),
-        });
-        self.run(cmd, sem, true, timeout).map(|_| ())
+        let kind = ("QueryStatus", batch_id);
+        let cmd = move |sem: String| {
+            Command::QueryStatus(QueryStatus {
+                batch_id: batch_id.into(),
+                state_name: format!("epoch_ended:{n}"),
+                timestamp: Some(keys::unix_now()),
+                semaphore_name: Some(sem),
+            })
+        };
+        self.run(kind, cmd, true, timeout).map(|_| ())
     }
 
     /// Releases everything the agent holds for the batch; the id becomes reusable.
     pub fn cleanup_batch(&self, batch_id: &str, timeout: Duration) -> Result<(), HostError> {
-        let sem = generate_semaphore_name("CleanupBatch", batch_id);
-        let cmd = Command::CleanupBatch(CleanupBatch {
-            batch_id: batch_id.into(),
-            timestamp: Some(keys::unix_now()),
-            semaphore_name: Some(sem.clone()),
-        });
-        self.run(cmd, sem, true, timeout).map(|_| ())
+        let kind = ("CleanupBatch", batch_id);
+        let cmd = move |sem: String| {
+            Command::CleanupBatch(CleanupBatch {
+                batch_id: batch_id.into(),
+                timestamp: Some(keys::unix_now()),
+                semaphore_name: Some(sem),
+            })
+        };
+        self.run(kind, cmd, true, timeout).map(|_| ())
     }
 
     /// Sends raw bytes as a command whose completion will be posted on `semaphore_name` (for
@@ -309,7 +368,13 @@ impl TensorBusClient {
         self.inner.check_alive()?;
         let sem = Semaphore::create(semaphore_name, 0)?;
         self.inner.queue.enqueue(bytes, timeout)?;
-        Ok(Pending { inner: self.inner.clone(), sem, what: "raw command".into(), result: None })
+        Ok(Pending {
+            inner: self.inner.clone(),
+            sem: Some(sem),
+            what: "raw command".into(),
+            result: None,
+            consumed: false,
+        })
     }
 
     /// Closes the connection (the agent keeps running).
