@@ -76,6 +76,39 @@ struct BatchState {
     waits: Vec<(u64, Option<String>)>,
 }
 
+/// An epoch's copies, for the copy thread.
+struct CopyJob {
+    batch: String,
+    epoch: u64,
+    plan: Arc<ExecPlan>,
+    /// Keeps every mapping the plan points into alive while it runs.
+    segments: Vec<Arc<ShmSegment>>,
+}
+
+/// The copy thread: runs epochs one after another, reports each through `done` and wakes the
+/// main loop through the in-process socket `wake_ep`.
+fn copier(
+    ctx: zmq::Context,
+    wake_ep: String,
+    threads: usize,
+    jobs: std::sync::mpsc::Receiver<CopyJob>,
+    done: std::sync::mpsc::Sender<CopyDone>,
+) {
+    let wake = match ctx.socket(zmq::PUSH).and_then(|w| w.connect(&wake_ep).map(|_| w)) {
+        Ok(w) => w,
+        Err(e) => return tracing::error!("copy thread: {e}"),
+    };
+    for job in jobs {
+        let t0 = Instant::now();
+        // SAFETY: the plan's local pointers are into `job.segments`, alive for the call;
+        // destinations are written only while their workers wait in a receive of this epoch.
+        let result = unsafe { exec::execute(&job.plan, threads) }.map_err(|e| e.to_string());
+        drop(job.segments);
+        let _ = done.send(CopyDone { batch: job.batch, epoch: job.epoch, result, seconds: t0.elapsed().as_secs_f64() });
+        let _ = wake.send(&b""[..], 0);
+    }
+}
+
 /// A copy thread's report.
 struct CopyDone {
     batch: String,
@@ -98,9 +131,8 @@ struct Agent {
     batches: BTreeMap<String, BatchState>,
     segments: HashMap<String, Arc<ShmSegment>>,
     copies: Vec<CopyDone>,
-    copy_tx: std::sync::mpsc::Sender<CopyDone>,
+    copy_jobs: std::sync::mpsc::Sender<CopyJob>,
     copy_rx: std::sync::mpsc::Receiver<CopyDone>,
-    ctx: zmq::Context,
     event_id: u64,
     status: NodeStatus,
     last_from_command: Instant,
@@ -213,6 +245,11 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     };
 
     let (copy_tx, copy_rx) = std::sync::mpsc::channel();
+    let (copy_jobs, jobs_rx) = std::sync::mpsc::channel();
+    let copy_thread = {
+        let (ctx, ep, threads) = (ctx.clone(), copy_ep.clone(), cfg.copy_threads);
+        std::thread::spawn(move || copier(ctx, ep, threads, jobs_rx, copy_tx))
+    };
     let mut agent = Agent {
         cfg: cfg.clone(),
         state: state.clone(),
@@ -227,9 +264,8 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         batches: BTreeMap::new(),
         segments: HashMap::new(),
         copies: Vec::new(),
-        copy_tx,
+        copy_jobs,
         copy_rx,
-        ctx: ctx.clone(),
         event_id: 0,
         status: NodeStatus::Waiting,
         last_from_command: Instant::now(),
@@ -248,7 +284,8 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     let _ = heartbeat.join();
     let _ = reader.join();
     let _ = state.put(keys::HEARTBEAT, &hb(false));
-    drop(agent);
+    drop(agent); // closes the job channel: the copy thread ends after its current epoch
+    let _ = copy_thread.join();
     if let Ok(q) = Arc::try_unwrap(queue) {
         q.remove();
     }
@@ -1054,23 +1091,11 @@ impl Agent {
         b.exec = Some(plan.clone());
         b.copying = true;
         self.status = NodeStatus::Running;
-        let (tx, wake, threads) = (self.copy_tx.clone(), self.ctx.socket(zmq::PUSH), self.cfg.copy_threads);
-        let ep = format!("inproc://copies-{}", self.cfg.rank);
         let segments: Vec<Arc<ShmSegment>> = self.segments.values().cloned().collect();
-        let batch = batch.to_string();
-        std::thread::spawn(move || {
-            let t0 = Instant::now();
-            // SAFETY: the plan's local pointers are into `segments`, kept alive here; destinations
-            // are written only while their workers wait in a receive of this epoch.
-            let result = unsafe { exec::execute(&plan, threads) }.map_err(|e| e.to_string());
-            drop(segments);
-            let _ = tx.send(CopyDone { batch, epoch, result, seconds: t0.elapsed().as_secs_f64() });
-            if let Ok(w) = wake {
-                if w.connect(&ep).is_ok() {
-                    let _ = w.send(&b""[..], 0);
-                }
-            }
-        });
+        let job = CopyJob { batch: batch.to_string(), epoch, plan, segments };
+        if self.copy_jobs.send(job).is_err() {
+            self.report_error(batch, epoch, "TransferError", "the agent's copy thread is gone".into());
+        }
     }
 
     /// Resolves this rank's share of the batch (as sender) into executable operations.

@@ -175,6 +175,15 @@ pub unsafe fn execute(plan: &ExecPlan, threads: usize) -> Result<u64, TransportE
     let first_err: Mutex<Option<TransportError>> = Mutex::new(None);
     let piece = plan.bucket_size.clamp(1, 64 << 20) as usize;
     let threads = threads.clamp(1, plan.buckets.len().max(1));
+    if threads == 1 {
+        // One bucket or one thread: no thread to start.
+        let mut scratch = Scratch { bufs: Vec::new() };
+        for op in plan.buckets.iter().flatten() {
+            // SAFETY: upheld by the caller of execute.
+            unsafe { run_op(op, &mut scratch, piece) }?;
+        }
+        return Ok(plan.bytes());
+    }
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {

@@ -47,7 +47,7 @@ impl ShmSegment {
             }
             return Err(e);
         }
-        Self::map(name, fd, len)
+        Self::map(name, fd, len, 0)
     }
 
     /// Maps an existing segment (its whole size).
@@ -65,13 +65,22 @@ impl ShmSegment {
             unsafe { libc::close(fd) };
             return Err(e);
         }
-        Self::map(name, fd, st.st_size as usize)
+        // Populate the page tables now (at registration) rather than fault page by page during
+        // the first transfer.
+        Self::map(name, fd, st.st_size as usize, libc::MAP_POPULATE)
     }
 
-    fn map(name: &str, fd: libc::c_int, len: usize) -> Result<Self, TransportError> {
+    fn map(name: &str, fd: libc::c_int, len: usize, extra: libc::c_int) -> Result<Self, TransportError> {
         // SAFETY: mapping a valid fd of at least `len` bytes (ftruncate/fstat above).
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len.max(1), libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | extra,
+                fd,
+                0,
+            )
         };
         // SAFETY: the mapping keeps the object alive; the fd is no longer needed.
         unsafe { libc::close(fd) };
