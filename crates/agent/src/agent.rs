@@ -140,6 +140,8 @@ struct Agent {
     subscribed: bool,
     last_heartbeat: Instant,
     last_pid_check: Instant,
+    /// Open client semaphores, by name.
+    sems: std::cell::RefCell<HashMap<String, Semaphore>>,
     /// Epoch number → (batch, seq), from `process` messages.
     epochs: HashMap<u64, (String, u64)>,
 }
@@ -273,6 +275,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         last_heartbeat: Instant::now(),
         last_pid_check: Instant::now(),
         epochs: HashMap::new(),
+        sems: Default::default(),
     };
     tracing::info!(node = %cfg.node_id, queue = %cfg.command_queue_path.display(), outbox = %agent.outbox_addr, "agent started");
     let result = agent.main_loop(&commands, &sub, &copy_pull, &stop);
@@ -523,12 +526,21 @@ impl Agent {
             tracing::error!("storing result for {sem}: {e}");
             return;
         }
-        match Semaphore::open(sem) {
-            Ok(s) => {
-                let _ = s.post();
+        // Clients reuse their semaphores, so keep them open (a post to one whose client is gone
+        // is harmless: nobody waits on it).
+        let mut cache = self.sems.borrow_mut();
+        if !cache.contains_key(sem) {
+            match Semaphore::open(sem) {
+                Ok(s) => {
+                    if cache.len() >= 1024 {
+                        cache.clear();
+                    }
+                    cache.insert(sem.to_string(), s);
+                }
+                Err(e) => return tracing::warn!("client semaphore {sem} is gone (client gave up?): {e}"),
             }
-            Err(e) => tracing::warn!("client semaphore {sem} is gone (client gave up?): {e}"),
         }
+        let _ = cache[sem].post();
     }
 
     fn handle_command(&mut self, bytes: &[u8]) {

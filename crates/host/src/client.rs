@@ -37,6 +37,7 @@ struct Inner {
     /// Semaphores of completed commands, reused (creating and unlinking one per command costs
     /// more than the rest of a round trip). Only semaphores whose post was consumed come back.
     pool: Mutex<Vec<Semaphore>>,
+    last_alive: Mutex<Option<Instant>>,
 }
 
 impl Drop for Inner {
@@ -82,7 +83,13 @@ impl Inner {
         build: impl FnOnce(String) -> Command,
         timeout: Duration,
     ) -> Result<Pending, HostError> {
-        self.check_alive()?;
+        // Liveness is checked again while waiting; before sending, a recent check suffices.
+        let mut last = self.last_alive.lock().unwrap();
+        if last.is_none_or(|t| t.elapsed() > Duration::from_millis(50)) {
+            self.check_alive()?;
+            *last = Some(Instant::now());
+        }
+        drop(last);
         let pooled = self.pool.lock().unwrap().pop();
         let sem = match pooled {
             Some(s) => s,
@@ -140,7 +147,6 @@ impl Pending {
                 self.what
             )))
         })?;
-        let _ = self.inner.state.delete(&key);
         let r = CommandResult::decode(&bytes)?;
         let out = match &r.error {
             Some(e) => Err(HostError::Remote(e.clone())),
@@ -161,9 +167,11 @@ impl Drop for Pending {
         let Some(sem) = self.sem.take() else { return };
         let mut pool = self.inner.pool.lock().unwrap();
         if self.consumed && pool.len() < 16 {
+            // Its result key is overwritten by the next command that uses it.
             pool.push(sem);
         } else {
             // A post may still come (or came and was not taken): never reuse this one.
+            let _ = self.inner.state.delete(&keys::command_result(sem.name()));
             Semaphore::unlink(sem.name());
         }
     }
@@ -196,6 +204,7 @@ impl TensorBusClient {
                     queue: CommandQueue::open(&qp)?,
                     state: StateStore::open(&sp)?,
                     pool: Mutex::new(Vec::new()),
+                    last_alive: Mutex::new(None),
                 };
                 inner.check_alive()?;
                 Ok::<_, HostError>(inner)

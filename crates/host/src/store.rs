@@ -51,8 +51,9 @@ fn open_env(path: &Path, create: bool) -> Result<Arc<Handle>, HostError> {
     let env = unsafe {
         // NO_SYNC: the queue and state are for live processes; a crashed process leaves committed
         // transactions intact in the page cache, and nothing here must survive an OS crash, so an
-        // fsync per command would only cost milliseconds.
-        opts.flags(EnvFlags::NO_SUB_DIR | EnvFlags::NO_SYNC | EnvFlags::NO_META_SYNC);
+        // fsync per command would only cost milliseconds. WRITE_MAP: commits write straight into
+        // the shared mapping instead of through pwrite calls.
+        opts.flags(EnvFlags::NO_SUB_DIR | EnvFlags::NO_SYNC | EnvFlags::NO_META_SYNC | EnvFlags::WRITE_MAP);
         opts.open(path)
     }
     .map_err(lmdb)?;
