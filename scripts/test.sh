@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   python3 -m venv .venv
 fi
-.venv/bin/python -c "import msgspec, maturin, numpy, pytest" 2>/dev/null || .venv/bin/pip install -q msgspec "maturin>=1.5,<2" numpy pytest
+.venv/bin/python -c "import msgspec, maturin, numpy, pytest, ziglang" 2>/dev/null || .venv/bin/pip install -q msgspec "maturin>=1.5,<2" numpy pytest ziglang
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
@@ -27,9 +27,9 @@ nice cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 nice cargo test --workspace --locked
 nice cargo build --release --locked --bin tensorbus
-echo "== Python package: build the abi3 wheel, install it, run pytest"
+echo "== Python package: build the portable abi3 wheel (manylinux2014, linked with zig), install it, run pytest"
 rm -f target/wheels/tensorbus-*.whl
-nice .venv/bin/maturin build --release --locked -o target/wheels
+PATH="$PWD/.venv/bin:$PATH" nice .venv/bin/maturin build --release --locked --zig --compatibility manylinux2014 -o target/wheels
 .venv/bin/pip install -q --force-reinstall --no-deps target/wheels/tensorbus-*.whl
 TENSORBUS_BIN="$PWD/target/release/tensorbus" .venv/bin/python -m pytest -q python/tests
 
