@@ -21,6 +21,7 @@ use tensorbus_protocol::host::{Command, CommandResult, ErrorKind, RemoteError, T
 use tensorbus_protocol::payload::{Memory, MeshPayload, PairSide, PlacementsPayload, TensorDesc};
 use tensorbus_transport::exec::{self, ExecPlan, Loc, Op};
 use tensorbus_transport::shm::ShmSegment;
+use tensorbus_transport::tcp::{self, Secret};
 use tensorbus_transport::{cma, reduce};
 
 use crate::directory;
@@ -41,6 +42,13 @@ pub struct AgentConfig {
     pub command_outbox: String,
     /// Host to bind this agent's outbox on.
     pub listen_host: String,
+    /// This agent's host, as peers compare it (default: the hostname). Agents on another host
+    /// get data over TCP.
+    pub host_id: String,
+    /// `IP:PORT` for data connections from agents on other hosts (port 0: any free port).
+    pub data_listen: String,
+    /// The job secret every data connection must prove (none: a one-user loopback job).
+    pub secret: Option<Vec<u8>>,
     pub copy_threads: usize,
     pub queue_capacity: u64,
     /// How long commands that need the command node wait for it before failing.
@@ -70,10 +78,112 @@ struct BatchState {
     exec: Option<Arc<ExecPlan>>,
     copying: bool,
     signal: bool,
+    /// Bytes this rank receives per epoch from agents on other hosts (computed once).
+    remote_bytes: Option<u64>,
     /// Epochs of this batch that ended everywhere (the next `seq` to end).
     ended: u64,
     /// `QueryStatus(epoch_ended:N)` commands waiting for epoch `N` to end.
     waits: Vec<(u64, Option<String>)>,
+}
+
+/// TCP streams to each peer agent on another host.
+const DATA_STREAMS: usize = 4;
+
+/// A destination tensor that peers on other hosts write into.
+struct Target {
+    loc: Loc,
+    nbytes: u64,
+    /// Keeps the mapping alive while the target is published.
+    _segment: Option<Arc<ShmSegment>>,
+}
+
+// SAFETY: a Target's Loc points into the segment it keeps alive (or names another process).
+unsafe impl Send for Target {}
+unsafe impl Sync for Target {}
+
+/// What a data connection reports to the main loop.
+enum DataEvent {
+    Received { epoch: u64, bytes: u64 },
+    Failed { key: String, epoch: u64, message: String },
+}
+
+/// Accepts data connections from agents on other hosts; each must prove the job secret first.
+fn serve_data(
+    listener: std::net::TcpListener,
+    key: Secret,
+    targets: Arc<std::sync::RwLock<HashMap<String, Target>>>,
+    events: std::sync::mpsc::Sender<DataEvent>,
+    ctx: zmq::Context,
+    wake_ep: String,
+    node: String,
+) {
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { continue };
+        let (key, targets, events, ctx, wake_ep, node) =
+            (key.clone(), targets.clone(), events.clone(), ctx.clone(), wake_ep.clone(), node.clone());
+        std::thread::spawn(move || {
+            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            if let Err(e) = tcp::handshake(&mut s, &key, true) {
+                return tracing::warn!(node = %node, peer = %peer, "data connection refused: {e}");
+            }
+            let _ = s.set_read_timeout(None);
+            let _ = s.set_nodelay(true);
+            let Ok(wake) = ctx.socket(zmq::PUSH).and_then(|w| w.connect(&wake_ep).map(|_| w)) else { return };
+            let mut buf = Vec::new();
+            loop {
+                let f = match tcp::read_header(&mut s) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return,
+                    Err(e) => return tracing::warn!(node = %node, peer = %peer, "data connection closed: {e}"),
+                };
+                let ev = match receive(&mut s, &f, &targets, &mut buf) {
+                    Ok(()) => DataEvent::Received { epoch: f.epoch, bytes: f.len },
+                    Err(message) => {
+                        tracing::warn!(node = %node, peer = %peer, "{message}");
+                        let _ = events.send(DataEvent::Failed { key: f.key, epoch: f.epoch, message });
+                        let _ = wake.send(&b""[..], 0);
+                        return;
+                    }
+                };
+                let _ = events.send(ev);
+                let _ = wake.send(&b""[..], 0);
+            }
+        });
+    }
+}
+
+/// Reads one frame's payload straight into the registered destination it names.
+fn receive(
+    s: &mut std::net::TcpStream,
+    f: &tcp::Frame,
+    targets: &std::sync::RwLock<HashMap<String, Target>>,
+    buf: &mut Vec<u8>,
+) -> Result<(), String> {
+    use std::io::Read;
+    let targets = targets.read().unwrap();
+    let t =
+        targets.get(&f.key).ok_or_else(|| format!("data for an unregistered tensor {:?}", f.key.replace('\0', "/")))?;
+    if f.offset.checked_add(f.len).is_none_or(|end| end > t.nbytes) {
+        return Err(format!(
+            "data for bytes [{}, +{}) outside tensor {:?} of {} bytes",
+            f.offset,
+            f.len,
+            f.key.replace('\0', "/"),
+            t.nbytes
+        ));
+    }
+    let n = f.len as usize;
+    match t.loc.offset(f.offset) {
+        // SAFETY: bounds checked above; the destination worker waits in a receive.
+        Loc::Local(p) => s.read_exact(unsafe { std::slice::from_raw_parts_mut(p, n) }).map_err(|e| e.to_string()),
+        Loc::Remote { pid, addr } => {
+            buf.resize(n, 0);
+            s.read_exact(buf).map_err(|e| e.to_string())?;
+            // SAFETY: buf holds n bytes.
+            unsafe { cma::write(pid, addr, buf.as_ptr(), n) }.map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// An epoch's copies, for the copy thread.
@@ -102,7 +212,7 @@ fn copier(
         let t0 = Instant::now();
         // SAFETY: the plan's local pointers are into `job.segments`, alive for the call;
         // destinations are written only while their workers wait in a receive of this epoch.
-        let result = unsafe { exec::execute(&job.plan, threads) }.map_err(|e| e.to_string());
+        let result = unsafe { exec::execute(&job.plan, threads, job.epoch) }.map_err(|e| e.to_string());
         drop(job.segments);
         let _ = done.send(CopyDone { batch: job.batch, epoch: job.epoch, result, seconds: t0.elapsed().as_secs_f64() });
         let _ = wake.send(&b""[..], 0);
@@ -140,6 +250,13 @@ struct Agent {
     subscribed: bool,
     last_heartbeat: Instant,
     last_pid_check: Instant,
+    data_addr: String,
+    /// Destination tensors peers on other hosts may write, by frame key.
+    targets: Arc<std::sync::RwLock<HashMap<String, Target>>>,
+    data_rx: std::sync::mpsc::Receiver<DataEvent>,
+    /// Bytes received over TCP per epoch, and receives waiting for their remote bytes.
+    received: HashMap<u64, u64>,
+    awaiting: HashMap<u64, (String, u64, u64)>,
     /// Open client semaphores, by name.
     sems: std::cell::RefCell<HashMap<String, Semaphore>>,
     /// Epoch number → (batch, seq), from `process` messages.
@@ -246,6 +363,17 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         })
     };
 
+    let data_listener = std::net::TcpListener::bind(&cfg.data_listen)
+        .map_err(|e| AgentError::Io { what: format!("binding the data port {}", cfg.data_listen), source: e })?;
+    let data_addr = data_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let targets: Arc<std::sync::RwLock<HashMap<String, Target>>> = Default::default();
+    let (data_tx, data_rx) = std::sync::mpsc::channel();
+    {
+        let key = cfg.secret.as_deref().map_or_else(Secret::none, Secret::new);
+        let (targets, ctx, ep, node) = (targets.clone(), ctx.clone(), copy_ep.clone(), cfg.node_id.clone());
+        std::thread::spawn(move || serve_data(data_listener, key, targets, data_tx, ctx, ep, node));
+    }
+
     let (copy_tx, copy_rx) = std::sync::mpsc::channel();
     let (copy_jobs, jobs_rx) = std::sync::mpsc::channel();
     let copy_thread = {
@@ -276,6 +404,11 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         last_pid_check: Instant::now(),
         epochs: HashMap::new(),
         sems: Default::default(),
+        data_addr,
+        targets,
+        data_rx,
+        received: HashMap::new(),
+        awaiting: HashMap::new(),
     };
     tracing::info!(node = %cfg.node_id, queue = %cfg.command_queue_path.display(), outbox = %agent.outbox_addr, "agent started");
     let result = agent.main_loop(&commands, &sub, &copy_pull, &stop);
@@ -363,6 +496,9 @@ impl Agent {
                 }
                 for done in std::mem::take(&mut self.copies) {
                     self.copy_finished(done);
+                }
+                while let Ok(ev) = self.data_rx.try_recv() {
+                    self.data_event(ev);
                 }
             }
             if ready[4] {
@@ -494,7 +630,8 @@ impl Agent {
             slots: Vec::new(),
             subscribed: self.subscribed,
             protocol: PROTOCOL_VERSION,
-            host: hostname(),
+            host: self.cfg.host_id.clone(),
+            data_addr: self.data_addr.clone(),
             pid: std::process::id(),
             pairs: self.pairs.iter().map(|(k, p)| (k.clone(), p.side.clone())).collect(),
             batches: self.batches.iter().map(|(k, b)| (k.clone(), b.reg.clone())).collect(),
@@ -744,6 +881,7 @@ impl Agent {
                 exec: None,
                 copying: false,
                 signal: false,
+                remote_bytes: None,
                 ended: 0,
                 waits: Vec::new(),
             },
@@ -794,6 +932,13 @@ impl Agent {
             match self.batch_complete(&id) {
                 Ok(false) => {}
                 Ok(true) => {
+                    if let Err(m) = self.publish_targets(&id) {
+                        let b = self.batches.remove(&id).expect("present");
+                        let _ = self.send_identify();
+                        let e = value_err(&self.cfg.node_id, format!("RegisterTensors {id}: {m}"));
+                        self.complete(b.pending_register.flatten().as_deref(), CommandResult::err(e));
+                        continue;
+                    }
                     let b = self.batches.get_mut(&id).expect("present");
                     b.ready = true;
                     let sem = b.pending_register.take().flatten();
@@ -949,6 +1094,7 @@ impl Agent {
             self.complete(p.sem.as_deref(), CommandResult::err(cancelled.clone()));
         }
         let _ = self.state.delete_prefix(&keys::batch_prefix(batch));
+        self.targets.write().unwrap().retain(|k, _| !k.starts_with(&format!("{batch}\0")));
         self.retain_segments();
         self.send_identify().map_err(|e| value_err(&me, e.to_string()))?;
         tracing::info!(node = %me, batch, "batch cleaned up");
@@ -1085,7 +1231,18 @@ impl Agent {
             }
         }
         if dir == TransferType::Recv {
-            self.emit(batch, EventKind::Done, seq, Some(epoch), 0, 0.0);
+            // Same-host senders write into our worker's memory themselves; bytes from other
+            // hosts arrive over TCP, and the receive is done when all of them are in.
+            let expected = match self.remote_bytes(batch) {
+                Ok(n) => n,
+                Err(m) => return self.report_error(batch, epoch, "ValueError", m),
+            };
+            if expected == 0 {
+                self.emit(batch, EventKind::Done, seq, Some(epoch), 0, 0.0);
+            } else {
+                self.awaiting.insert(epoch, (batch.to_string(), seq, expected));
+                self.check_received(epoch);
+            }
             return;
         }
         let plan = match self.batches[batch].exec.clone() {
@@ -1114,9 +1271,13 @@ impl Agent {
     fn build_exec(&mut self, batch: &str) -> Result<ExecPlan, String> {
         let reg = self.batches[batch].reg.clone();
         let bucket_size = reg.bucket_size.unwrap_or(tensorbus_planner::DEFAULT_BUCKET_SIZE);
-        let mut out = ExecPlan { buckets: Vec::new(), bucket_size };
+        let mut out = ExecPlan { buckets: Vec::new(), bucket_size, links: Vec::new() };
         let dir = self.dir.clone();
         let segments = &mut self.segments;
+        let key = self.cfg.secret.as_deref().map_or_else(Secret::none, Secret::new);
+        // TCP streams per peer node on another host (opened once per plan, i.e. per batch).
+        let mut streams: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut bucket_no = 0usize;
         for pair in Self::batch_pairs(&reg) {
             let p = &self.pairs[&pair];
             let (mine, theirs) =
@@ -1172,8 +1333,44 @@ impl Agent {
             };
             for bucket in bp.buckets() {
                 let mut ops = Vec::new();
+                let (dst_id, dst_ident, _) = theirs
+                    .get(&(bucket.dst_rank as usize))
+                    .ok_or_else(|| format!("rank {} vanished", bucket.dst_rank))?;
+                let link = if dst_ident.host != self.cfg.host_id {
+                    let links = match streams.get(*dst_id) {
+                        Some(l) => l.clone(),
+                        None => {
+                            let mut l = Vec::new();
+                            for _ in 0..DATA_STREAMS {
+                                let mut s = std::net::TcpStream::connect(&dst_ident.data_addr)
+                                    .map_err(|e| format!("connecting to {dst_id} at {}: {e}", dst_ident.data_addr))?;
+                                let _ = s.set_nodelay(true);
+                                tcp::handshake(&mut s, &key, false).map_err(|e| format!("{dst_id}: {e}"))?;
+                                out.links.push(std::sync::Mutex::new(s));
+                                l.push(out.links.len() - 1);
+                            }
+                            streams.insert(dst_id.to_string(), l.clone());
+                            l
+                        }
+                    };
+                    bucket_no += 1;
+                    Some(links[bucket_no % links.len()])
+                } else {
+                    None
+                };
                 for ch in bp.chunks(bucket) {
                     let contributors = plan.contributors(ch.src_rank as usize);
+                    if let Some(link) = link {
+                        if contributors.len() > 1 {
+                            return Err(format!("pair {pair}: Partial sources to another host are not supported yet"));
+                        }
+                        let src = resolve(true, ch.src_rank, ch.tensor)?;
+                        let key: std::sync::Arc<str> = format!("{batch}\0{pair}\0{}", ch.tensor).into();
+                        for (so, doff, len) in ch.runs() {
+                            ops.push(Op::Send { link, key: key.clone(), offset: doff, src: src.offset(so), len });
+                        }
+                        continue;
+                    }
                     let dst = resolve(false, ch.dst_rank, ch.tensor)?;
                     let dtype = bp.tensors[ch.tensor as usize].meta.dtype;
                     let srcs: Vec<Loc> =
@@ -1200,6 +1397,96 @@ impl Agent {
             }
         }
         Ok(out)
+    }
+
+    /// Publishes this worker's tensors of `batch` as destinations for agents on other hosts.
+    fn publish_targets(&mut self, batch: &str) -> Result<(), String> {
+        let reg = self.batches[batch].reg.clone();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut new = Vec::new();
+        for (pair, d) in reg.pairs.iter().zip(&reg.tensors) {
+            let k = index.entry(pair).or_default();
+            let (loc, seg) = match &d.memory {
+                Memory::Shm { name, offset } => {
+                    let seg = self.map_segment(name)?;
+                    // SAFETY: the registration checked offset + nbytes against the mapping.
+                    (Loc::Local(unsafe { seg.as_ptr().add(*offset as usize) }), Some(seg))
+                }
+                Memory::Cma { pid, addr } => (Loc::Remote { pid: *pid, addr: *addr }, None),
+            };
+            new.push((format!("{batch}\0{pair}\0{k}"), Target { loc, nbytes: d.nbytes, _segment: seg }));
+            *k += 1;
+        }
+        self.targets.write().unwrap().extend(new);
+        Ok(())
+    }
+
+    /// Bytes this rank receives per epoch of `batch` from senders on other hosts.
+    fn remote_bytes(&mut self, batch: &str) -> Result<u64, String> {
+        if let Some(n) = self.batches[batch].remote_bytes {
+            return Ok(n);
+        }
+        let reg = &self.batches[batch].reg;
+        let mut total = 0;
+        for pair in Self::batch_pairs(reg) {
+            let p = &self.pairs[&pair];
+            let theirs = directory::side(&self.dir, &pair, &p.side.remote_name)?;
+            let mine = directory::side(&self.dir, &pair, &p.side.local_name)?;
+            let src = theirs.values().next().ok_or("peer side vanished")?.2.layout().map_err(|e| e.to_string())?;
+            let plan = PairPlan::new(src, p.layout.clone()).map_err(|e| format!("pair {pair}: {e}"))?;
+            let my_tensors: Vec<TensorDesc> =
+                reg.pairs.iter().zip(&reg.tensors).filter(|(q, _)| **q == pair).map(|(_, t)| t.clone()).collect();
+            let mut metas = Vec::new();
+            for (k, t) in my_tensors.iter().enumerate() {
+                let locals: Vec<Vec<u64>> = (0..p.side.world_size)
+                    .map(|r| {
+                        mine.get(&r)
+                            .and_then(|(_, i, _)| directory::tensors_on(i, batch, &pair))
+                            .map(|ts| ts[k].shape.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                let name = t.name.clone().unwrap_or_else(|| format!("{pair}[{k}]"));
+                let global = p.layout.global_shape_from_locals(&name, &locals).map_err(|e| e.to_string())?;
+                metas.push(BatchTensor {
+                    pair: 0,
+                    meta: TensorMeta::new(name, global, t.dtype().map_err(|e| e.to_string())?),
+                });
+            }
+            let bp = BatchPlan::build(&[&plan], &metas, reg.bucket_size, Scope::Rank(Side::Dst, p.side.rank))
+                .map_err(|e| e.to_string())?;
+            for b in bp.buckets() {
+                if theirs.get(&(b.src_rank as usize)).is_some_and(|(_, i, _)| i.host != self.cfg.host_id) {
+                    total += b.bytes;
+                }
+            }
+        }
+        self.batches.get_mut(batch).expect("present").remote_bytes = Some(total);
+        Ok(total)
+    }
+
+    fn data_event(&mut self, ev: DataEvent) {
+        match ev {
+            DataEvent::Received { epoch, bytes } => {
+                *self.received.entry(epoch).or_default() += bytes;
+                self.check_received(epoch);
+            }
+            DataEvent::Failed { key, epoch, message } => {
+                let batch = key.split('\0').next().unwrap_or_default().to_string();
+                self.report_error(&batch, epoch, "TransferError", message);
+            }
+        }
+    }
+
+    /// Completes a receive once every byte from other hosts has arrived.
+    fn check_received(&mut self, epoch: u64) {
+        let Some((batch, seq, expected)) = self.awaiting.get(&epoch).cloned() else { return };
+        let got = self.received.get(&epoch).copied().unwrap_or(0);
+        if got >= expected {
+            self.awaiting.remove(&epoch);
+            self.received.remove(&epoch);
+            self.emit(&batch, EventKind::Done, seq, Some(epoch), got, 0.0);
+        }
     }
 
     fn copy_finished(&mut self, done: CopyDone) {
@@ -1261,6 +1548,7 @@ impl Agent {
 
     fn remote_error(&mut self, e: ErrorValue) {
         let Some(batch) = e.batch_id.clone() else { return };
+        self.awaiting.retain(|_, (b, _, _)| *b != batch);
         let Some(b) = self.batches.get_mut(&batch) else { return };
         let origin = e
             .err_args
@@ -1311,6 +1599,7 @@ fn pid_alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
-fn hostname() -> String {
+/// This machine's hostname.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }

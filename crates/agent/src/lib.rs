@@ -11,7 +11,7 @@
 mod agent;
 mod directory;
 
-pub use agent::{run, AgentConfig};
+pub use agent::{hostname, run, AgentConfig};
 
 /// Why an agent could not start or had to stop.
 #[derive(Debug, thiserror::Error)]

@@ -99,8 +99,18 @@ struct AgentArgs {
     /// The command node's outbox (default: inbox port + 1).
     #[arg(long)]
     command_outbox: Option<String>,
+    /// Address to bind this agent's control outbox on.
     #[arg(long, default_value = "127.0.0.1")]
     listen_host: String,
+    /// This agent's host as peers compare it (agents on another host get data over TCP).
+    #[arg(long, env = "TENSORBUS_HOST_ID")]
+    host_id: Option<String>,
+    /// IP:PORT for data connections from other hosts (default: the listen host, any port).
+    #[arg(long)]
+    data_listen: Option<String>,
+    /// File holding the job secret every data connection must prove (or TENSORBUS_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
     #[arg(long, default_value_t = 2)]
     copy_threads: usize,
     #[arg(long, default_value_t = 1024)]
@@ -157,6 +167,15 @@ fn run_agent(a: AgentArgs) -> Result<(), String> {
             None => default_outbox(&a.command_inbox)?,
         },
         command_inbox: a.command_inbox,
+        host_id: a.host_id.unwrap_or_else(tensorbus_agent::hostname),
+        data_listen: a.data_listen.unwrap_or_else(|| format!("{}:0", a.listen_host)),
+        secret: match (a.secret_file, std::env::var("TENSORBUS_SECRET").ok()) {
+            (Some(f), _) => {
+                Some(std::fs::read(&f).map_err(|e| format!("reading the secret file {}: {e}", f.display()))?)
+            }
+            (None, Some(s)) if !s.is_empty() => Some(s.into_bytes()),
+            _ => None,
+        },
         listen_host: a.listen_host,
         copy_threads: a.copy_threads.max(1),
         queue_capacity: a.queue_capacity.max(1),

@@ -63,8 +63,12 @@ pub struct IdentifyValue {
     pub subscribed: bool,
     #[serde(default)]
     pub protocol: u32,
+    /// The host this node runs on: peers on the same host copy through memory, others over TCP.
     #[serde(default)]
     pub host: String,
+    /// Where the node accepts data connections from agents on other hosts (`IP:PORT`).
+    #[serde(default)]
+    pub data_addr: String,
     #[serde(default)]
     pub pid: u32,
     #[serde(default)]

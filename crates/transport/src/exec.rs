@@ -38,8 +38,26 @@ impl Loc {
 /// One operation of a bucket.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Copy { src: Loc, dst: Loc, len: u64 },
-    Reduce { srcs: Box<[Loc]>, dst: Loc, len: u64, dtype: DType, op: ReduceOp },
+    Copy {
+        src: Loc,
+        dst: Loc,
+        len: u64,
+    },
+    Reduce {
+        srcs: Box<[Loc]>,
+        dst: Loc,
+        len: u64,
+        dtype: DType,
+        op: ReduceOp,
+    },
+    /// `len` bytes from `src` to `offset` of destination tensor `key`, over TCP link `link`.
+    Send {
+        link: usize,
+        key: std::sync::Arc<str>,
+        offset: u64,
+        src: Loc,
+        len: u64,
+    },
 }
 
 /// A rank's executable share of a batch: buckets of operations.
@@ -48,6 +66,8 @@ pub struct ExecPlan {
     pub buckets: Vec<Vec<Op>>,
     /// Upper bound of a bucket's bytes (and of each thread's staging buffer).
     pub bucket_size: u64,
+    /// Authenticated TCP streams to agents on other hosts (several per peer).
+    pub links: Vec<std::sync::Mutex<std::net::TcpStream>>,
 }
 
 impl ExecPlan {
@@ -56,7 +76,7 @@ impl ExecPlan {
             .iter()
             .flatten()
             .map(|op| match op {
-                Op::Copy { len, .. } | Op::Reduce { len, .. } => *len,
+                Op::Copy { len, .. } | Op::Reduce { len, .. } | Op::Send { len, .. } => *len,
             })
             .sum()
     }
@@ -109,8 +129,31 @@ impl Scratch {
 
 /// # Safety
 /// Every Local location of `op` is valid for its length.
-unsafe fn run_op(op: &Op, scratch: &mut Scratch, piece: usize) -> Result<(), TransportError> {
+unsafe fn run_op(
+    op: &Op,
+    scratch: &mut Scratch,
+    piece: usize,
+    links: &[std::sync::Mutex<std::net::TcpStream>],
+    epoch: u64,
+) -> Result<(), TransportError> {
     match op {
+        Op::Send { link, key, offset, src, len } => {
+            use std::io::Write;
+            let len_us = *len as usize;
+            let data: &[u8] = match *src {
+                // Straight from the mapped worker memory into the socket.
+                Loc::Local(p) => std::slice::from_raw_parts(p, len_us),
+                r => {
+                    let buf = scratch.get(0, len_us);
+                    read_into(r, buf, len_us)?;
+                    std::slice::from_raw_parts(buf, len_us)
+                }
+            };
+            let mut s = links[*link].lock().unwrap();
+            s.write_all(&crate::tcp::frame_header(epoch, key, *offset, *len))
+                .and_then(|_| s.write_all(data))
+                .map_err(|e| TransportError::Io { what: format!("sending {len} bytes of {key:?}"), source: e })
+        }
         Op::Copy { src, dst, len } => match (*src, *dst) {
             (Loc::Local(s), d) => write_from(d, s, *len as usize),
             (s, Loc::Local(d)) => read_into(s, d, *len as usize),
@@ -169,7 +212,7 @@ unsafe fn run_op(op: &Op, scratch: &mut Scratch, piece: usize) -> Result<(), Tra
 /// # Safety
 /// Every Local location of the plan must be mapped and valid for its length for the whole call,
 /// and no other party may write the destinations meanwhile.
-pub unsafe fn execute(plan: &ExecPlan, threads: usize) -> Result<u64, TransportError> {
+pub unsafe fn execute(plan: &ExecPlan, threads: usize, epoch: u64) -> Result<u64, TransportError> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<TransportError>> = Mutex::new(None);
@@ -180,7 +223,7 @@ pub unsafe fn execute(plan: &ExecPlan, threads: usize) -> Result<u64, TransportE
         let mut scratch = Scratch { bufs: Vec::new() };
         for op in plan.buckets.iter().flatten() {
             // SAFETY: upheld by the caller of execute.
-            unsafe { run_op(op, &mut scratch, piece) }?;
+            unsafe { run_op(op, &mut scratch, piece, &plan.links, epoch) }?;
         }
         return Ok(plan.bytes());
     }
@@ -196,7 +239,7 @@ pub unsafe fn execute(plan: &ExecPlan, threads: usize) -> Result<u64, TransportE
                     let Some(bucket) = plan.buckets.get(i) else { return };
                     for op in bucket {
                         // SAFETY: upheld by the caller of execute.
-                        if let Err(e) = unsafe { run_op(op, &mut scratch, piece) } {
+                        if let Err(e) = unsafe { run_op(op, &mut scratch, piece, &plan.links, epoch) } {
                             failed.store(true, Ordering::Relaxed);
                             first_err.lock().unwrap().get_or_insert(e);
                             return;

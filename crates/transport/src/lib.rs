@@ -2,12 +2,14 @@
 //!
 //! The data plane on one host: worker memory the agent can reach ([`shm`] segments mapped by name,
 //! or another process's memory through cross-memory attach, [`cma`]), reductions of partial values
-//! ([`reduce`]), and the parallel executor of a rank's share of a batch plan ([`exec`]).
+//! ([`reduce`]), the parallel executor of a rank's share of a batch plan ([`exec`]), and the
+//! authenticated TCP links between agents on different hosts ([`tcp`]).
 
 pub mod cma;
 pub mod exec;
 pub mod reduce;
 pub mod shm;
+pub mod tcp;
 
 /// Why a data-plane operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,4 +22,6 @@ pub enum TransportError {
     NoSuchMemory(String),
     #[error("not supported: {0}")]
     Unsupported(String),
+    #[error("refused: {0}")]
+    Refused(String),
 }
