@@ -314,10 +314,12 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     let ctx = zmq::Context::new();
     let dealer = ctx.socket(zmq::DEALER)?;
     dealer.set_identity(cfg.node_id.as_bytes())?;
+    tensorbus_command::secure::client(&dealer, cfg.secret.as_deref())?;
     dealer.set_linger(0)?;
     dealer.connect(&cfg.command_inbox)?;
     let sub = ctx.socket(zmq::SUB)?;
     sub.set_linger(0)?;
+    tensorbus_command::secure::client(&sub, cfg.secret.as_deref())?;
     sub.connect(&cfg.command_outbox)?;
     sub.set_subscribe(b"")?;
     let outbox = ctx.socket(zmq::XPUB)?;
@@ -638,10 +640,18 @@ impl Agent {
         }
     }
 
+    /// Sends to the command node. Before a connection exists (the command node is not there yet,
+    /// or refused us) the message is dropped: joining retries every 250 ms, and commands that need
+    /// the command node fail with a ConnectionError after the join timeout.
     fn send(&self, body: Body) -> Result<(), AgentError> {
         let m = Message::new(&self.cfg.node_id, body);
-        self.dealer.send(m.to_json().as_bytes(), zmq::DONTWAIT)?;
-        Ok(())
+        match self.dealer.send(m.to_json().as_bytes(), zmq::DONTWAIT) {
+            Err(zmq::Error::EAGAIN) => {
+                tracing::debug!(node = %self.cfg.node_id, "no connection to the command node; {} dropped", m.body.type_name());
+                Ok(())
+            }
+            r => r.map_err(Into::into),
+        }
     }
 
     fn send_identify(&mut self) -> Result<(), AgentError> {

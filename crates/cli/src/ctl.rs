@@ -32,6 +32,8 @@ pub fn send(inbox: &str, body: Body, wait: Duration) -> Result<Option<Message>, 
     let s = ctx.socket(zmq::DEALER).map_err(|e| e.to_string())?;
     let id = format!("ctl:{}", std::process::id());
     s.set_identity(id.as_bytes()).map_err(|e| e.to_string())?;
+    tensorbus_command::secure::client(&s, tensorbus_command::secure::secret_from_env().as_deref())
+        .map_err(|e| e.to_string())?;
     s.set_linger(1000).map_err(|e| e.to_string())?;
     s.connect(inbox).map_err(|e| format!("{inbox}: {e}"))?;
     s.send(Message::new(&id, body).to_json().as_bytes(), 0).map_err(|e| e.to_string())?;

@@ -18,12 +18,14 @@ pub struct EmbeddedCommandNode {
 impl EmbeddedCommandNode {
     pub fn start(listen: &str) -> Result<Self, String> {
         let ctx = zmq::Context::new();
-        let (router, xpub, endpoints) = tensorbus_command::bind(&ctx, listen).map_err(|e| e.to_string())?;
+        let secret = tensorbus_command::secure::secret_from_env();
+        let bound = tensorbus_command::bind(&ctx, listen, secret.as_deref()).map_err(|e| e.to_string())?;
+        let endpoints = bound.endpoints.clone();
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, ep) = (stop.clone(), endpoints.clone());
+        let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let _ctx = ctx;
-            if let Err(e) = tensorbus_command::serve(router, xpub, &ep, s) {
+            if let Err(e) = tensorbus_command::serve(bound, s) {
                 tracing::error!("command node: {e}");
             }
         });

@@ -206,12 +206,23 @@ fn main() -> ExitCode {
         Cmd::Agent(a) => run_agent(a),
         Cmd::CommandNode { listen } => (|| {
             let ctx = zmq::Context::new();
-            let (router, xpub, ep) = tensorbus_command::bind(&ctx, &listen).map_err(|e| e.to_string())?;
-            println!("command node: inbox {} outbox {}", ep.inbox, ep.outbox);
-            tensorbus_command::serve(router, xpub, &ep, stop_flag()).map_err(|e| e.to_string())
+            let secret = tensorbus_command::secure::secret_from_env();
+            let bound = tensorbus_command::bind(&ctx, &listen, secret.as_deref()).map_err(|e| e.to_string())?;
+            println!("command node: inbox {} outbox {}", bound.endpoints.inbox, bound.endpoints.outbox);
+            tensorbus_command::serve(bound, stop_flag()).map_err(|e| e.to_string())
         })(),
         Cmd::Up { agents, listen, dir, copy_threads } => (|| {
             let stop = stop_flag();
+            if tensorbus_command::secure::secret_from_env().is_none() {
+                // A fresh job secret, inherited by the agents; workers never need it.
+                let mut b = [0u8; 24];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+                    .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+                let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                std::env::set_var("TENSORBUS_SECRET", &hex);
+                println!("job secret (TENSORBUS_SECRET for agents and tools joining from elsewhere): {hex}");
+            }
             let node = launch::EmbeddedCommandNode::start(&listen)?;
             let mut procs = launch::Agents::spawn(agents, 0, &dir, &node.endpoints, copy_threads, false)?;
             println!(

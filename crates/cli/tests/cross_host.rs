@@ -54,7 +54,10 @@ impl Hosts {
 
     fn in_ns(&self, host: usize) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns[host], common::BIN]).env("TENSORBUS_LOG", "warn").stderr(Stdio::null());
+        c.args(["netns", "exec", &self.ns[host], common::BIN])
+            .env("TENSORBUS_LOG", "warn")
+            .env("TENSORBUS_SECRET", SECRET)
+            .stderr(Stdio::null());
         c
     }
 
@@ -189,10 +192,11 @@ fn same_host_and_remote_destinations_in_one_job() {
 }
 
 #[test]
-fn a_destination_without_the_secret_is_refused() {
+fn an_agent_without_the_secret_cannot_join_the_job() {
+    // Its control connections fail authentication: it never joins, and its worker is told so.
     let reports = run("secret", (&[1], "R"), (&[1], "R"), &[1], &[8, 8], "not-the-secret");
-    let src = reports.iter().find(|r| r.starts_with("src")).unwrap();
-    assert!(src.contains("\"phase\":\"error\"") && src.contains("secret"), "{src}");
+    let dst = reports.iter().find(|r| r.starts_with("dst")).unwrap();
+    assert!(dst.contains("\"phase\":\"error\"") && dst.contains("command node"), "{dst}");
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! message to the sans-IO [`Coordinator`](tensorbus_protocol::coordinator::Coordinator), and sends
 //! what it asks for. All decisions live in the coordinator; this crate only moves bytes.
 
+pub mod secure;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,7 +33,10 @@ pub struct Endpoints {
 
 /// Binds the inbox on `listen` (`HOST:PORT`) and the outbox on `PORT+1` (both free ports when
 /// `PORT` is 0).
-pub fn bind(ctx: &zmq::Context, listen: &str) -> Result<(zmq::Socket, zmq::Socket, Endpoints), CommandError> {
+/// With a `secret`, both sockets admit only peers that prove it (see [`secure`]).
+pub fn bind(ctx: &zmq::Context, listen: &str, secret: Option<&[u8]>) -> Result<Bound, CommandError> {
+    // The authentication handler must be there before the first handshake.
+    let zap = secure::Zap::start(ctx, secret)?;
     let (host, port) = listen.rsplit_once(':').ok_or_else(|| CommandError::BadListen(listen.into()))?;
     let port: u16 = port.parse().map_err(|_| CommandError::BadListen(listen.into()))?;
     let (inbox_ep, outbox_ep) = if port == 0 {
@@ -42,25 +47,32 @@ pub fn bind(ctx: &zmq::Context, listen: &str) -> Result<(zmq::Socket, zmq::Socke
     let router = ctx.socket(zmq::ROUTER)?;
     router.set_linger(0)?;
     router.set_router_mandatory(true)?;
+    secure::server(&router, secret)?;
     router.bind(&inbox_ep).map_err(|source| CommandError::Bind { endpoint: inbox_ep.clone(), source })?;
     let xpub = ctx.socket(zmq::XPUB)?;
     xpub.set_linger(0)?;
     // Never drop announcements silently: a full subscriber queue blocks the (non-blocking) send,
     // which is logged.
     xpub.set_sndhwm(100_000)?;
+    secure::server(&xpub, secret)?;
     xpub.bind(&outbox_ep).map_err(|source| CommandError::Bind { endpoint: outbox_ep.clone(), source })?;
     let inbox = router.get_last_endpoint()?.unwrap_or(inbox_ep);
     let outbox = xpub.get_last_endpoint()?.unwrap_or(outbox_ep);
-    Ok((router, xpub, Endpoints { inbox, outbox }))
+    Ok(Bound { router, xpub, zap, endpoints: Endpoints { inbox, outbox } })
+}
+
+/// A command node's bound sockets, ready to [`serve`].
+pub struct Bound {
+    router: zmq::Socket,
+    xpub: zmq::Socket,
+    zap: Option<secure::Zap>,
+    pub endpoints: Endpoints,
 }
 
 /// Runs the command node on bound sockets until `stop` is set.
-pub fn serve(
-    router: zmq::Socket,
-    xpub: zmq::Socket,
-    endpoints: &Endpoints,
-    stop: Arc<AtomicBool>,
-) -> Result<(), CommandError> {
+pub fn serve(bound: Bound, stop: Arc<AtomicBool>) -> Result<(), CommandError> {
+    let Bound { router, xpub, zap, endpoints } = bound;
+    let endpoints = &endpoints;
     let mut coord = Coordinator::new("command", endpoints.inbox.clone());
     tracing::info!(inbox = %endpoints.inbox, outbox = %endpoints.outbox, "command node started");
     let mut ended_seen = 0u64;
@@ -69,7 +81,10 @@ pub fn serve(
         let wait = coord
             .poll_timeout()
             .map_or(200, |t| t.saturating_duration_since(Instant::now()).as_millis().min(200) as i64);
-        let mut items = [router.as_poll_item(zmq::POLLIN), xpub.as_poll_item(zmq::POLLIN)];
+        let mut items = vec![router.as_poll_item(zmq::POLLIN), xpub.as_poll_item(zmq::POLLIN)];
+        if let Some(z) = &zap {
+            items.push(z.poll_item());
+        }
         match zmq::poll(&mut items, wait) {
             Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => return Err(e.into()),
@@ -92,6 +107,9 @@ pub fn serve(
                     }
                 }
             }
+        }
+        if items.get(2).is_some_and(|i| i.is_readable()) {
+            zap.as_ref().expect("polled").handle();
         }
         if items[1].is_readable() {
             while let Ok(sub) = xpub.recv_bytes(zmq::DONTWAIT) {
