@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub data_listen: String,
     /// The job secret every data connection must prove (none: a one-user loopback job).
     pub secret: Option<Vec<u8>>,
+    /// TCP streams to each peer agent on another host.
+    pub data_streams: usize,
     pub copy_threads: usize,
     pub queue_capacity: u64,
     /// How long commands that need the command node wait for it before failing.
@@ -85,9 +87,6 @@ struct BatchState {
     /// `QueryStatus(epoch_ended:N)` commands waiting for epoch `N` to end.
     waits: Vec<(u64, Option<String>)>,
 }
-
-/// TCP streams to each peer agent on another host.
-const DATA_STREAMS: usize = 4;
 
 /// A destination tensor that peers on other hosts write into.
 struct Target {
@@ -1351,7 +1350,7 @@ impl Agent {
                         Some(l) => l.clone(),
                         None => {
                             let mut l = Vec::new();
-                            for _ in 0..DATA_STREAMS {
+                            for _ in 0..self.cfg.data_streams.max(1) {
                                 let mut s = std::net::TcpStream::connect(&dst_ident.data_addr)
                                     .map_err(|e| format!("connecting to {dst_id} at {}: {e}", dst_ident.data_addr))?;
                                 let _ = s.set_nodelay(true);

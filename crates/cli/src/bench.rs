@@ -141,6 +141,9 @@ pub struct Suite {
     pub command_rtt_us_p99: f64,
     pub epoch_rtt_ms: Vec<(usize, f64)>,
     pub bucket_size: u64,
+    pub cross_host: Vec<CrossRow>,
+    /// Why the cross-host rows are missing, when they are.
+    pub cross_host_skipped: Option<String>,
 }
 
 fn machine() -> String {
@@ -284,6 +287,8 @@ pub fn suite(smoke: bool, progress: impl Fn(&str)) -> Result<Suite, String> {
         command_rtt_us_p99: 0.0,
         epoch_rtt_ms: Vec::new(),
         bucket_size: tensorbus_planner::DEFAULT_BUCKET_SIZE,
+        cross_host: Vec::new(),
+        cross_host_skipped: None,
     };
     for &b in &sizes {
         progress(&format!("transfer of {b} bytes"));
@@ -356,6 +361,11 @@ pub fn suite(smoke: bool, progress: impl Fn(&str)) -> Result<Suite, String> {
         let r = demo::execute(&p, &opts(if smoke { 5 } else { 50 }, true))?;
         out.epoch_rtt_ms.push((agents, r.median() * 1e3));
     }
+    progress("cross-host transfer (network namespaces)");
+    match cross_host(smoke) {
+        Ok(rows) => out.cross_host = rows,
+        Err(e) => out.cross_host_skipped = Some(e),
+    }
     Ok(out)
 }
 
@@ -407,12 +417,153 @@ pub fn suite_markdown(s: &Suite) -> String {
             if r.verified { "yes" } else { "NO" }
         );
     }
+    m += "\n### Across hosts (two network namespaces joined by a veth pair), 1 rank -> 1 rank\n\n";
+    match &s.cross_host_skipped {
+        Some(why) => m += &format!("Skipped: {why}\n"),
+        None => m += &cross_markdown(&s.cross_host),
+    }
     m += &format!(
         "\n### Round trips\n\n| what | median | p99 |\n|---|---:|---:|\n| command (enqueue -> agent -> semaphore) | {:.1} us | {:.1} us |\n",
         s.command_rtt_us_median, s.command_rtt_us_p99
     );
     for (n, ms) in &s.epoch_rtt_ms {
         m += &format!("| epoch of a tiny batch, {n} agents (arm -> process -> done -> epoch_ended) | {ms:.2} ms | |\n");
+    }
+    m
+}
+
+#[derive(Serialize)]
+pub struct CrossRow {
+    pub streams: usize,
+    pub bytes: u64,
+    pub best_gbps: f64,
+    pub median_gbps: f64,
+    pub raw_tcp_gbps: f64,
+    pub ratio: f64,
+    pub verified: Option<bool>,
+}
+
+/// Raw TCP between the two namespaces, best of 3, with `streams` connections.
+fn raw_tcp(net: &crate::netns::Netns, exe: &std::path::Path, bytes: u64, streams: usize) -> Result<f64, String> {
+    use std::io::BufRead;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let mut sink = net
+            .command(1, exe)
+            .args(["bench", "tcp-sink", "--listen", &format!("{}:0", net.addr[1])])
+            .args(["--streams", &streams.to_string(), "--bytes", &bytes.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        std::io::BufReader::new(sink.stdout.take().expect("piped")).read_line(&mut line).map_err(|e| e.to_string())?;
+        let addr = line.trim().trim_start_matches("listening ").to_string();
+        let out = net
+            .command(0, exe)
+            .args([
+                "bench",
+                "tcp-source",
+                "--to",
+                &addr,
+                "--streams",
+                &streams.to_string(),
+                "--bytes",
+                &bytes.to_string(),
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let _ = sink.wait();
+        let secs: f64 =
+            String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| "tcp-source failed".to_string())?;
+        best = best.min(secs);
+    }
+    Ok(bytes as f64 / best / 1e9)
+}
+
+/// One rank to one rank across two network namespaces, for 1 and 4 TCP streams, next to raw TCP
+/// between the same namespaces.
+pub fn cross_host(smoke: bool) -> Result<Vec<CrossRow>, String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let net = crate::netns::Netns::new("bx")?;
+    let mut node = net
+        .command(0, &exe)
+        .args(["command-node", "--listen", &format!("{}:0", net.addr[0])])
+        .env("TENSORBUS_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufReader::new(node.stdout.take().expect("piped")).read_line(&mut line).map_err(|e| e.to_string())?;
+    let w: Vec<&str> = line.split_whitespace().collect();
+    if w.len() < 6 {
+        let _ = node.kill();
+        return Err(format!("command node did not start in the namespace: {line:?}"));
+    }
+    let (inbox, outbox) = (w[3].to_string(), w[5].to_string());
+    let bytes: u64 = if smoke { 16 << 20 } else { 1 << 30 };
+    let mut rows = Vec::new();
+    for streams in [1usize, 4] {
+        let dir = demo::run_dir()?;
+        let mut agents = Vec::new();
+        for (rank, host) in [(0usize, 0usize), (1, 1)] {
+            let (q, s) = crate::launch::agent_paths(&dir.0, rank);
+            let c = net
+                .command(host, &exe)
+                .args(["agent", "--rank", &rank.to_string(), "--command-inbox", &inbox, "--command-outbox", &outbox])
+                .args(["--listen-host", &net.addr[host], "--host-id", &format!("host{host}")])
+                .args(["--data-streams", &streams.to_string(), "--copy-threads", "4"])
+                .arg("--command-queue")
+                .arg(&q)
+                .arg("--state")
+                .arg(&s)
+                .env("TENSORBUS_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            agents.push(c);
+        }
+        let pids = agents.iter().map(|c| c.id()).collect();
+        let check = bytes <= 64 << 20;
+        let run = demo::run_workers(&single(bytes), &opts(5, check), &dir.0, pids);
+        for mut a in agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let run = run?;
+        let raw = raw_tcp(&net, &exe, bytes, streams)?;
+        rows.push(CrossRow {
+            streams,
+            bytes,
+            best_gbps: run.gbps(run.best()),
+            median_gbps: run.gbps(run.median()),
+            raw_tcp_gbps: raw,
+            ratio: run.gbps(run.best()) / raw,
+            verified: check.then_some(run.verified),
+        });
+    }
+    let _ = node.kill();
+    let _ = node.wait();
+    Ok(rows)
+}
+
+pub fn cross_markdown(rows: &[CrossRow]) -> String {
+    let mut m = String::from("| streams | bytes | best GB/s | median GB/s | raw TCP GB/s (same streams) | best / raw TCP | verified |\n|---:|---:|---:|---:|---:|---:|---|\n");
+    for r in rows {
+        m += &format!(
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
+            r.streams,
+            r.bytes,
+            r.best_gbps,
+            r.median_gbps,
+            r.raw_tcp_gbps,
+            r.ratio,
+            match r.verified {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "not checked",
+            }
+        );
     }
     m
 }

@@ -227,21 +227,36 @@ fn rss_anon(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Runs `plan` on this host: command node, agents and workers, `opts.repeat` transfers.
-pub fn execute(plan: &Plan, opts: &RunOpts) -> Result<Run, String> {
-    let Plan { pairs, tensors, n_src, n_dst, .. } = plan;
-    let (n_src, n_dst) = (*n_src, *n_dst);
-    let repeat = opts.repeat.max(1);
+/// A fresh directory for a run's agent files, removed on drop.
+pub fn run_dir() -> Result<RemoveDir, String> {
     let dir = std::env::temp_dir().join(format!(
         "tensorbus-demo-{}-{}",
         std::process::id(),
         RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let _cleanup = RemoveDir(dir.clone());
+    Ok(RemoveDir(dir))
+}
+
+/// Runs `plan` on this host: command node, agents and workers, `opts.repeat` transfers.
+pub fn execute(plan: &Plan, opts: &RunOpts) -> Result<Run, String> {
+    let dir = run_dir()?;
     let node = EmbeddedCommandNode::start("127.0.0.1:0")?;
-    let mut agents = Agents::spawn(n_src + n_dst, 0, &dir, &node.endpoints, opts.copy_threads.max(1), true)?;
-    let agent_pids: Vec<u32> = agents.children.iter().map(|c| c.id()).collect();
+    let mut agents =
+        Agents::spawn(plan.n_src + plan.n_dst, 0, &dir.0, &node.endpoints, opts.copy_threads.max(1), true)?;
+    let pids: Vec<u32> = agents.children.iter().map(|c| c.id()).collect();
+    let run = run_workers(plan, opts, &dir.0, pids);
+    agents.stop(Duration::from_secs(5));
+    drop(node);
+    run
+}
+
+/// Runs the workers of `plan` against agents already running with their files in `dir` (source
+/// ranks first, then destination ranks), sampling the agents' memory meanwhile.
+pub fn run_workers(plan: &Plan, opts: &RunOpts, dir: &std::path::Path, agent_pids: Vec<u32>) -> Result<Run, String> {
+    let Plan { pairs, tensors, n_src, n_dst, .. } = plan;
+    let (n_src, n_dst) = (*n_src, *n_dst);
+    let repeat = opts.repeat.max(1);
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
         let sampling = sampling.clone();
@@ -260,7 +275,7 @@ pub fn execute(plan: &Plan, opts: &RunOpts) -> Result<Run, String> {
     let mut workers = Vec::new();
     for (side, n, first) in [("src", n_src, 0), ("dst", n_dst, n_src)] {
         for rank in 0..n {
-            let (q, s) = agent_paths(&dir, first + rank);
+            let (q, s) = agent_paths(dir, first + rank);
             let spec = WorkerSpec {
                 agent_rank: first + rank,
                 command_queue: q,
@@ -331,8 +346,6 @@ pub fn execute(plan: &Plan, opts: &RunOpts) -> Result<Run, String> {
     }
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     let agent_peak_anon_bytes = sampler.join().unwrap_or(0);
-    agents.stop(Duration::from_secs(5));
-    drop(node);
     if !errors.is_empty() || done.len() < total_workers {
         let msgs: Vec<String> = errors.iter().map(|r| format!("{} rank {}: {}", r.side, r.rank, r.message)).collect();
         return Err(format!(
@@ -415,7 +428,7 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
     Ok(r.verified)
 }
 
-struct RemoveDir(std::path::PathBuf);
+pub struct RemoveDir(pub std::path::PathBuf);
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {

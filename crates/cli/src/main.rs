@@ -5,6 +5,7 @@ mod bench;
 mod ctl;
 mod demo;
 mod launch;
+mod netns;
 mod pattern;
 mod plan_cmd;
 mod status;
@@ -111,6 +112,9 @@ struct AgentArgs {
     /// File holding the job secret every data connection must prove (or TENSORBUS_SECRET).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// TCP streams to each peer agent on another host.
+    #[arg(long, default_value_t = 4)]
+    data_streams: usize,
     #[arg(long, default_value_t = 2)]
     copy_threads: usize,
     #[arg(long, default_value_t = 1024)]
@@ -119,6 +123,31 @@ struct AgentArgs {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Cross-host transfer (two network namespaces, needs root) for 1 and 4 streams vs raw TCP.
+    CrossHost {
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Raw TCP receiver for the cross-host baseline (internal).
+    #[command(hide = true)]
+    TcpSink {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        streams: usize,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Raw TCP sender for the cross-host baseline (internal).
+    #[command(hide = true)]
+    TcpSource {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        streams: usize,
+        #[arg(long)]
+        bytes: u64,
+    },
     /// Everything: transfers vs memcpy / process_vm_readv, resharding vs a naive baseline, round
     /// trips, agent memory, planner; writes results.md and results.json.
     All {
@@ -177,6 +206,7 @@ fn run_agent(a: AgentArgs) -> Result<(), String> {
             _ => None,
         },
         listen_host: a.listen_host,
+        data_streams: a.data_streams.max(1),
         copy_threads: a.copy_threads.max(1),
         queue_capacity: a.queue_capacity.max(1),
         join_timeout: Duration::from_secs(5),
@@ -270,6 +300,15 @@ fn main() -> ExitCode {
             let json = serde_json::json!({"suite": s, "planner": serde_json::from_str::<serde_json::Value>(&bench::planner_json(&planner)).unwrap_or_default()});
             std::fs::write(out.join("results.json"), json.to_string()).map_err(|e| e.to_string())
         })(),
+        Cmd::Bench { what: BenchWhat::TcpSink { listen, streams, bytes } } => {
+            netns::tcp_sink(&listen, streams.max(1), bytes)
+        }
+        Cmd::Bench { what: BenchWhat::TcpSource { to, streams, bytes } } => {
+            netns::tcp_source(&to, streams.max(1), bytes)
+        }
+        Cmd::Bench { what: BenchWhat::CrossHost { smoke } } => bench::cross_host(smoke).map(|rows| {
+            print!("{}", bench::cross_markdown(&rows));
+        }),
         Cmd::Bench { what: BenchWhat::Planner { iters, out } } => {
             let rows = bench::planner(iters.max(1));
             let md = bench::planner_markdown(&rows);
