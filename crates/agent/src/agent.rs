@@ -12,7 +12,7 @@ use tensorbus_host::keys::{self, Heartbeat};
 use tensorbus_host::sem::Semaphore;
 use tensorbus_host::store::{CommandQueue, StateStore};
 use tensorbus_host::HEARTBEAT_INTERVAL;
-use tensorbus_planner::{BatchPlan, BatchTensor, DType, Layout, PairPlan, Placement, Scope, Side, TensorMeta};
+use tensorbus_planner::{BatchPlan, DType, Layout, PairPlan, Placement, Scope, Side, TensorMeta};
 use tensorbus_protocol::control::{
     AnnounceValue, BatchReg, Body, Epoch, ErrorValue, Event, EventKind, EventValue, IdentifyValue, Message, NodeStatus,
     PROTOCOL_VERSION,
@@ -1294,24 +1294,7 @@ impl Agent {
             let their_layout =
                 theirs.values().next().ok_or("peer side vanished")?.2.layout().map_err(|e| e.to_string())?;
             let plan = PairPlan::new(p.layout.clone(), their_layout).map_err(|e| format!("pair {pair}: {e}"))?;
-            let my_tensors = directory::tensors_on(mine[&p.side.rank].1, batch, &pair).ok_or("own batch missing")?;
-            let my_tensors: Vec<TensorDesc> = my_tensors.into_iter().cloned().collect();
-            let mut metas = Vec::new();
-            for (k, t) in my_tensors.iter().enumerate() {
-                let locals: Vec<Vec<u64>> = (0..p.side.world_size)
-                    .map(|r| {
-                        directory::tensors_on(mine[&r].1, batch, &pair)
-                            .map(|ts| ts[k].shape.clone())
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                let name = t.name.clone().unwrap_or_else(|| format!("{pair}[{k}]"));
-                let global = p.layout.global_shape_from_locals(&name, &locals).map_err(|e| e.to_string())?;
-                metas.push(BatchTensor {
-                    pair: 0,
-                    meta: TensorMeta::new(name, global, t.dtype().map_err(|e| e.to_string())?),
-                });
-            }
+            let metas = directory::pair_metas(&mine, &p.layout, p.side.world_size, batch, &pair)?;
             let bp = BatchPlan::build(&[&plan], &metas, reg.bucket_size, Scope::Rank(Side::Src, p.side.rank))
                 .map_err(|e| e.to_string())?;
             let reduce_op = plan.src().partial_op();
@@ -1443,25 +1426,7 @@ impl Agent {
             let mine = directory::side(&self.dir, &pair, &p.side.local_name)?;
             let src = theirs.values().next().ok_or("peer side vanished")?.2.layout().map_err(|e| e.to_string())?;
             let plan = PairPlan::new(src, p.layout.clone()).map_err(|e| format!("pair {pair}: {e}"))?;
-            let my_tensors: Vec<TensorDesc> =
-                reg.pairs.iter().zip(&reg.tensors).filter(|(q, _)| **q == pair).map(|(_, t)| t.clone()).collect();
-            let mut metas = Vec::new();
-            for (k, t) in my_tensors.iter().enumerate() {
-                let locals: Vec<Vec<u64>> = (0..p.side.world_size)
-                    .map(|r| {
-                        mine.get(&r)
-                            .and_then(|(_, i, _)| directory::tensors_on(i, batch, &pair))
-                            .map(|ts| ts[k].shape.clone())
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                let name = t.name.clone().unwrap_or_else(|| format!("{pair}[{k}]"));
-                let global = p.layout.global_shape_from_locals(&name, &locals).map_err(|e| e.to_string())?;
-                metas.push(BatchTensor {
-                    pair: 0,
-                    meta: TensorMeta::new(name, global, t.dtype().map_err(|e| e.to_string())?),
-                });
-            }
+            let metas = directory::pair_metas(&mine, &p.layout, p.side.world_size, batch, &pair)?;
             let bp = BatchPlan::build(&[&plan], &metas, reg.bucket_size, Scope::Rank(Side::Dst, p.side.rank))
                 .map_err(|e| e.to_string())?;
             for b in bp.buckets() {

@@ -65,3 +65,31 @@ pub fn tensors_on<'a>(ident: &'a IdentifyValue, batch: &str, pair: &str) -> Opti
     let reg = ident.batches.get(batch)?;
     Some(reg.pairs.iter().zip(&reg.tensors).filter(|(p, _)| *p == pair).map(|(_, t)| t).collect())
 }
+
+/// The global description of every tensor of `batch` on `pair`, from the local shapes all ranks of
+/// one side (`side`, in `layout`) registered. Tensors are numbered within the pair.
+pub fn pair_metas(
+    side: &BTreeMap<usize, (&str, &IdentifyValue, &PairSide)>,
+    layout: &tensorbus_planner::Layout,
+    world_size: usize,
+    batch: &str,
+    pair: &str,
+) -> Result<Vec<tensorbus_planner::BatchTensor>, String> {
+    let per_rank: Vec<Vec<&TensorDesc>> = (0..world_size)
+        .map(|r| side.get(&r).and_then(|(_, i, _)| tensors_on(i, batch, pair)).unwrap_or_default())
+        .collect();
+    let Some(first) = per_rank.first() else { return Ok(Vec::new()) };
+    let mut metas = Vec::with_capacity(first.len());
+    for (k, t) in first.iter().enumerate() {
+        let locals: Vec<Vec<u64>> =
+            per_rank.iter().map(|ts| ts.get(k).map(|d| d.shape.clone()).unwrap_or_default()).collect();
+        let name = t.name.clone().unwrap_or_else(|| format!("{pair}[{k}]"));
+        let global = layout.global_shape_from_locals(&name, &locals).map_err(|e| e.to_string())?;
+        let dtype = t.dtype().map_err(|e| e.to_string())?;
+        metas.push(tensorbus_planner::BatchTensor {
+            pair: 0,
+            meta: tensorbus_planner::TensorMeta::new(name, global, dtype),
+        });
+    }
+    Ok(metas)
+}
