@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub secret: Option<Vec<u8>>,
     /// TCP streams to each peer agent on another host.
     pub data_streams: usize,
+    /// Compute a checksum of the bytes each epoch delivers (reported in its `done` event; costs
+    /// a read of those bytes).
+    pub checksum: bool,
     pub copy_threads: usize,
     pub queue_capacity: u64,
     /// How long commands that need the command node wait for it before failing.
@@ -200,6 +203,7 @@ fn copier(
     ctx: zmq::Context,
     wake_ep: String,
     threads: usize,
+    checksum: bool,
     jobs: std::sync::mpsc::Receiver<CopyJob>,
     done: std::sync::mpsc::Sender<CopyDone>,
 ) {
@@ -211,7 +215,7 @@ fn copier(
         let t0 = Instant::now();
         // SAFETY: the plan's local pointers are into `job.segments`, alive for the call;
         // destinations are written only while their workers wait in a receive of this epoch.
-        let result = unsafe { exec::execute(&job.plan, threads, job.epoch) }.map_err(|e| e.to_string());
+        let result = unsafe { exec::execute(&job.plan, threads, job.epoch, checksum) }.map_err(|e| e.to_string());
         drop(job.segments);
         let _ = done.send(CopyDone { batch: job.batch, epoch: job.epoch, result, seconds: t0.elapsed().as_secs_f64() });
         let _ = wake.send(&b""[..], 0);
@@ -222,7 +226,7 @@ fn copier(
 struct CopyDone {
     batch: String,
     epoch: u64,
-    result: Result<u64, String>,
+    result: Result<(u64, u64), String>,
     seconds: f64,
 }
 
@@ -378,8 +382,8 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     let (copy_tx, copy_rx) = std::sync::mpsc::channel();
     let (copy_jobs, jobs_rx) = std::sync::mpsc::channel();
     let copy_thread = {
-        let (ctx, ep, threads) = (ctx.clone(), copy_ep.clone(), cfg.copy_threads);
-        std::thread::spawn(move || copier(ctx, ep, threads, jobs_rx, copy_tx))
+        let (ctx, ep, threads, checksum) = (ctx.clone(), copy_ep.clone(), cfg.copy_threads, cfg.checksum);
+        std::thread::spawn(move || copier(ctx, ep, threads, checksum, jobs_rx, copy_tx))
     };
     let mut agent = Agent {
         cfg: cfg.clone(),
@@ -1045,7 +1049,7 @@ impl Agent {
         b.signal = false;
         b.pending.push_back(PendingTransfer { seq, dir, sem, epoch: None });
         let _ = self.state.put(&keys::batch_state(batch, "transfer_signal"), b"\xc2");
-        self.emit(batch, EventKind::Armed, seq, None, 0, 0.0);
+        self.emit(batch, EventKind::Armed, seq, None, 0, 0.0, 0);
         Ok(None)
     }
 
@@ -1137,7 +1141,17 @@ impl Agent {
         self.segments.retain(|k, _| used.contains(k));
     }
 
-    fn emit(&mut self, batch: &str, kind: EventKind, seq: u64, epoch: Option<u64>, bytes: u64, seconds: f64) {
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        batch: &str,
+        kind: EventKind,
+        seq: u64,
+        epoch: Option<u64>,
+        bytes: u64,
+        seconds: f64,
+        checksum: u64,
+    ) {
         self.event_id += 1;
         let ev = Event {
             id: self.event_id,
@@ -1145,7 +1159,7 @@ impl Agent {
             node_id: self.cfg.node_id.clone(),
             signal: batch.to_string(),
             epoch: epoch.map(Epoch::Root),
-            value: EventValue { batch_id: batch.to_string(), kind, seq, bytes, seconds, checksum: 0 },
+            value: EventValue { batch_id: batch.to_string(), kind, seq, bytes, seconds, checksum },
         };
         let m = Message::new(&self.cfg.node_id, Body::Event(vec![ev]));
         let json = m.to_json();
@@ -1247,7 +1261,7 @@ impl Agent {
                 Err(m) => return self.report_error(batch, epoch, "ValueError", m),
             };
             if expected == 0 {
-                self.emit(batch, EventKind::Done, seq, Some(epoch), 0, 0.0);
+                self.emit(batch, EventKind::Done, seq, Some(epoch), 0, 0.0, 0);
             } else {
                 self.awaiting.insert(epoch, (batch.to_string(), seq, expected));
                 self.check_received(epoch);
@@ -1459,7 +1473,7 @@ impl Agent {
         if got >= expected {
             self.awaiting.remove(&epoch);
             self.received.remove(&epoch);
-            self.emit(&batch, EventKind::Done, seq, Some(epoch), got, 0.0);
+            self.emit(&batch, EventKind::Done, seq, Some(epoch), got, 0.0, 0);
         }
     }
 
@@ -1469,11 +1483,11 @@ impl Agent {
         self.status = NodeStatus::Ready;
         let seq = b.pending.iter().find(|p| p.epoch == Some(done.epoch)).map(|p| p.seq);
         match done.result {
-            Ok(bytes) => {
+            Ok((bytes, checksum)) => {
                 let gbps = bytes as f64 / done.seconds.max(1e-9) / 1e9;
-                tracing::info!(node = %self.cfg.node_id, batch = %done.batch, epoch = done.epoch, bytes, seconds = done.seconds, gbps, "copied");
+                tracing::info!(node = %self.cfg.node_id, batch = %done.batch, epoch = done.epoch, bytes, seconds = done.seconds, gbps, checksum, "copied");
                 if let Some(seq) = seq {
-                    self.emit(&done.batch, EventKind::Done, seq, Some(done.epoch), bytes, done.seconds);
+                    self.emit(&done.batch, EventKind::Done, seq, Some(done.epoch), bytes, done.seconds, checksum);
                 }
             }
             Err(msg) => self.report_error(&done.batch, done.epoch, "TransferError", msg),

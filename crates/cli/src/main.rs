@@ -115,6 +115,9 @@ struct AgentArgs {
     /// TCP streams to each peer agent on another host.
     #[arg(long, default_value_t = 4)]
     data_streams: usize,
+    /// Checksum the bytes of every epoch (reported in the `done` events; costs a read of them).
+    #[arg(long)]
+    checksum: bool,
     #[arg(long, default_value_t = 2)]
     copy_threads: usize,
     #[arg(long, default_value_t = 1024)]
@@ -207,6 +210,7 @@ fn run_agent(a: AgentArgs) -> Result<(), String> {
         },
         listen_host: a.listen_host,
         data_streams: a.data_streams.max(1),
+        checksum: a.checksum,
         copy_threads: a.copy_threads.max(1),
         queue_capacity: a.queue_capacity.max(1),
         join_timeout: Duration::from_secs(5),

@@ -142,3 +142,31 @@ fn agents_and_workers_start_in_any_order_and_late() {
         let _ = a.wait();
     }
 }
+
+#[test]
+fn epochs_carry_a_checksum_of_the_bytes_delivered() {
+    let mut job = Job::start("checksum", 0);
+    for r in 0..2 {
+        let (inbox, outbox) = (job.inbox.clone(), job.outbox.clone());
+        let c = job.agent_command(r, &inbox, &outbox).arg("--checksum").stderr(Stdio::null()).spawn().unwrap();
+        job.agents.push(Some(c));
+    }
+    let name = format!("/tb-it-sum-{}", std::process::id());
+    let seg = ShmSegment::create(&name, 4096).unwrap();
+    let (_a, _b, ha, _hb) = setup(&job, &name);
+    let mut sums = Vec::new();
+    for (n, fill) in [(0u64, 5u8), (1, 5), (2, 6)] {
+        // SAFETY: no transfer runs while we fill.
+        unsafe { seg.as_mut_slice()[..256].fill(fill) };
+        assert!(ctl(&job, &["process", "--batch", "b", "--from", "trainer"]).status.success());
+        ha.wait_epoch(n, T).unwrap();
+        let s = status(&job);
+        let ended = s["epochs_ended"].as_array().unwrap();
+        sums.push(ended.last().unwrap()["checksum"].as_u64().unwrap());
+    }
+    assert_ne!(sums[0], 0);
+    assert_eq!(sums[0], sums[1], "same bytes, same checksum");
+    assert_ne!(sums[1], sums[2], "other bytes, other checksum");
+    drop(seg);
+    ShmSegment::unlink(&name);
+}

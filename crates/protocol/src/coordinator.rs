@@ -48,6 +48,7 @@ struct Running {
     participants: BTreeSet<String>,
     done: BTreeSet<String>,
     bytes: u64,
+    checksum: u64,
 }
 
 /// A finished epoch, for `status` and logs.
@@ -58,6 +59,9 @@ pub struct EndedEpoch {
     pub seq: u64,
     pub nodes: usize,
     pub bytes: u64,
+    /// Wrapping sum of the senders' checksums (0 when agents do not compute them).
+    #[serde(default)]
+    pub checksum: u64,
 }
 
 /// The command node's state.
@@ -160,7 +164,7 @@ impl Coordinator {
                         }
                         EventKind::Done => {
                             let Some(Epoch::Root(epoch)) = e.epoch else { continue };
-                            self.mark_done(epoch, &from, e.value.bytes);
+                            self.mark_done(epoch, &from, e.value.bytes, e.value.checksum);
                         }
                     }
                 }
@@ -389,7 +393,14 @@ impl Coordinator {
         *seq += 1;
         self.running.insert(
             epoch,
-            Running { batch_id: batch_id.to_string(), seq: this_seq, participants, done: BTreeSet::new(), bytes: 0 },
+            Running {
+                batch_id: batch_id.to_string(),
+                seq: this_seq,
+                participants,
+                done: BTreeSet::new(),
+                bytes: 0,
+                checksum: 0,
+            },
         );
         let m = self.msg(Body::Process(ProcessValue {
             epoch: Epoch::Root(epoch),
@@ -399,10 +410,12 @@ impl Coordinator {
         epoch
     }
 
-    fn mark_done(&mut self, epoch: u64, node: &str, bytes: u64) {
+    fn mark_done(&mut self, epoch: u64, node: &str, bytes: u64, checksum: u64) {
         let Some(r) = self.running.get_mut(&epoch) else { return };
-        r.done.insert(node.to_string());
-        r.bytes += bytes;
+        if r.done.insert(node.to_string()) {
+            r.bytes += bytes;
+            r.checksum = r.checksum.wrapping_add(checksum);
+        }
         if r.participants.is_subset(&r.done) {
             let r = self.running.remove(&epoch).expect("present");
             self.ended.push_back(EndedEpoch {
@@ -411,6 +424,7 @@ impl Coordinator {
                 seq: r.seq,
                 nodes: r.participants.len(),
                 bytes: r.bytes,
+                checksum: r.checksum,
             });
             if self.ended.len() > 64 {
                 self.ended.pop_front();

@@ -206,13 +206,44 @@ unsafe fn run_op(
     }
 }
 
-/// Runs every bucket on up to `threads` threads; returns the bytes written. Stops at the first
-/// error and returns it.
+/// A 64-bit digest of the bytes `op` delivered (read from whichever end is mapped here, else
+/// through cross-memory attach). Digests of all ops add up (wrapping) to an order-independent
+/// checksum of an epoch.
+///
+/// # Safety
+/// As for [`run_op`].
+unsafe fn digest(op: &Op, scratch: &mut Scratch) -> Result<u64, TransportError> {
+    let (loc, len) = match op {
+        Op::Copy { src, dst, len } => (if matches!(dst, Loc::Local(_)) { *dst } else { *src }, *len),
+        Op::Reduce { dst, len, .. } => (*dst, *len),
+        Op::Send { src, len, .. } => (*src, *len),
+    };
+    let n = len as usize;
+    let bytes = match loc {
+        Loc::Local(p) => std::slice::from_raw_parts(p, n),
+        r => {
+            let buf = scratch.get(0, n);
+            read_into(r, buf, n)?;
+            std::slice::from_raw_parts(buf, n)
+        }
+    };
+    let h = blake3::hash(bytes);
+    Ok(u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")))
+}
+
+/// Runs every bucket on up to `threads` threads; returns the bytes written and, when `checksum`
+/// is set, a checksum of them (0 otherwise). Stops at the first error and returns it.
 ///
 /// # Safety
 /// Every Local location of the plan must be mapped and valid for its length for the whole call,
 /// and no other party may write the destinations meanwhile.
-pub unsafe fn execute(plan: &ExecPlan, threads: usize, epoch: u64) -> Result<u64, TransportError> {
+pub unsafe fn execute(
+    plan: &ExecPlan,
+    threads: usize,
+    epoch: u64,
+    checksum: bool,
+) -> Result<(u64, u64), TransportError> {
+    let sum = std::sync::atomic::AtomicU64::new(0);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<TransportError>> = Mutex::new(None);
@@ -221,11 +252,16 @@ pub unsafe fn execute(plan: &ExecPlan, threads: usize, epoch: u64) -> Result<u64
     if threads == 1 {
         // One bucket or one thread: no thread to start.
         let mut scratch = Scratch { bufs: Vec::new() };
+        let mut total = 0u64;
         for op in plan.buckets.iter().flatten() {
             // SAFETY: upheld by the caller of execute.
             unsafe { run_op(op, &mut scratch, piece, &plan.links, epoch) }?;
+            if checksum {
+                // SAFETY: as above.
+                total = total.wrapping_add(unsafe { digest(op, &mut scratch) }?);
+            }
         }
-        return Ok(plan.bytes());
+        return Ok((plan.bytes(), total));
     }
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -239,7 +275,13 @@ pub unsafe fn execute(plan: &ExecPlan, threads: usize, epoch: u64) -> Result<u64
                     let Some(bucket) = plan.buckets.get(i) else { return };
                     for op in bucket {
                         // SAFETY: upheld by the caller of execute.
-                        if let Err(e) = unsafe { run_op(op, &mut scratch, piece, &plan.links, epoch) } {
+                        let r = unsafe { run_op(op, &mut scratch, piece, &plan.links, epoch) }.and_then(|_| {
+                            // SAFETY: as above.
+                            let d = if checksum { unsafe { digest(op, &mut scratch) }? } else { 0 };
+                            sum.fetch_add(d, Ordering::Relaxed); // wraps
+                            Ok(())
+                        });
+                        if let Err(e) = r {
                             failed.store(true, Ordering::Relaxed);
                             first_err.lock().unwrap().get_or_insert(e);
                             return;
@@ -251,7 +293,7 @@ pub unsafe fn execute(plan: &ExecPlan, threads: usize, epoch: u64) -> Result<u64
     });
     match first_err.into_inner().unwrap() {
         Some(e) => Err(e),
-        None => Ok(plan.bytes()),
+        None => Ok((plan.bytes(), sum.into_inner())),
     }
 }
 
@@ -286,4 +328,50 @@ pub fn memcpy_gbps(bytes: usize, threads: usize, reps: usize) -> f64 {
         best = best.min(t0.elapsed().as_secs_f64() / inner as f64);
     }
     bytes as f64 / best / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_and_checksums_do_not_depend_on_threads() {
+        let src: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut dst = vec![0u8; src.len()];
+        let plan = |dst: &mut Vec<u8>| ExecPlan {
+            buckets: (0..16)
+                .map(|b| {
+                    vec![Op::Copy {
+                        src: Loc::Local(src.as_ptr().wrapping_add(b * 4096) as *mut u8),
+                        dst: Loc::Local(dst.as_mut_ptr().wrapping_add(b * 4096)),
+                        len: 4096,
+                    }]
+                })
+                .collect(),
+            bucket_size: 4096,
+            links: Vec::new(),
+        };
+        let p = plan(&mut dst);
+        // SAFETY: every location is inside src or dst, alive for the calls.
+        let (b1, c1) = unsafe { execute(&p, 1, 0, true) }.unwrap();
+        let (b4, c4) = unsafe { execute(&p, 4, 0, true) }.unwrap();
+        assert_eq!((b1, b4), (65536, 65536));
+        assert_eq!(dst, src);
+        assert!(c1 != 0 && c1 == c4, "checksum independent of the thread count");
+        assert_eq!(unsafe { execute(&p, 2, 0, false) }.unwrap().1, 0);
+        let mut other = src.clone();
+        other[100] ^= 1;
+        let p2 = ExecPlan {
+            buckets: vec![vec![Op::Copy {
+                src: Loc::Local(other.as_mut_ptr()),
+                dst: Loc::Local(dst.as_mut_ptr()),
+                len: 65536,
+            }]],
+            bucket_size: 65536,
+            links: Vec::new(),
+        };
+        // SAFETY: as above.
+        let (_, c) = unsafe { execute(&p2, 1, 0, true) }.unwrap();
+        assert_ne!(c, c1, "one flipped bit changes the checksum");
+    }
 }
