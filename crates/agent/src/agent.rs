@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub command_outbox: String,
     /// Host to bind this agent's outbox on.
     pub listen_host: String,
+    /// Host or IP peers reach this agent at, when it differs from `listen_host` (e.g. binding
+    /// 0.0.0.0); replaces the host part of the advertised outbox and data addresses.
+    pub advertise: Option<String>,
     /// This agent's host, as peers compare it (default: the hostname). Agents on another host
     /// get data over TCP.
     pub host_id: String,
@@ -328,7 +331,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     let outbox = ctx.socket(zmq::XPUB)?;
     outbox.set_linger(0)?;
     outbox.bind(&format!("tcp://{}:*", cfg.listen_host))?;
-    let outbox_addr = outbox.get_last_endpoint()?.unwrap_or_default();
+    let outbox_addr = advertised(&outbox.get_last_endpoint()?.unwrap_or_default(), cfg.advertise.as_deref());
     let commands = ctx.socket(zmq::PULL)?;
     let cmd_ep = format!("inproc://commands-{}", cfg.rank);
     commands.bind(&cmd_ep)?;
@@ -370,7 +373,8 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
 
     let data_listener = std::net::TcpListener::bind(&cfg.data_listen)
         .map_err(|e| AgentError::Io { what: format!("binding the data port {}", cfg.data_listen), source: e })?;
-    let data_addr = data_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let data_addr =
+        advertised(&data_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), cfg.advertise.as_deref());
     let targets: Arc<std::sync::RwLock<HashMap<String, Target>>> = Default::default();
     let (data_tx, data_rx) = std::sync::mpsc::channel();
     {
@@ -1585,6 +1589,17 @@ fn rmp_serde_head(bytes: &[u8]) -> Option<CommandHead> {
 fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+/// `endpoint` (`tcp://HOST:PORT` or `HOST:PORT`) with its host replaced by `advertise`.
+fn advertised(endpoint: &str, advertise: Option<&str>) -> String {
+    match (advertise, endpoint.rsplit_once(':')) {
+        (Some(host), Some((head, port))) => {
+            let scheme = if head.starts_with("tcp://") { "tcp://" } else { "" };
+            format!("{scheme}{host}:{port}")
+        }
+        _ => endpoint.to_string(),
+    }
 }
 
 /// This machine's hostname.

@@ -94,15 +94,19 @@ struct AgentArgs {
     command_queue: Option<PathBuf>,
     #[arg(long)]
     state: Option<PathBuf>,
-    /// The command node's inbox.
-    #[arg(long, default_value = "tcp://127.0.0.1:5555")]
-    command_inbox: String,
+    /// The command node's inbox (default: tcp://$MASTER_ADDR:5555 when MASTER_ADDR is set, as
+    /// under torchrun, else tcp://127.0.0.1:5555).
+    #[arg(long, env = "TENSORBUS_COMMAND_INBOX")]
+    command_inbox: Option<String>,
     /// The command node's outbox (default: inbox port + 1).
     #[arg(long)]
     command_outbox: Option<String>,
-    /// Address to bind this agent's control outbox on.
+    /// Address to bind this agent's control outbox and data port on.
     #[arg(long, default_value = "127.0.0.1")]
     listen_host: String,
+    /// Host or IP other hosts reach this agent at (needed when --listen-host is 0.0.0.0).
+    #[arg(long, env = "TENSORBUS_ADVERTISE")]
+    advertise: Option<String>,
     /// This agent's host as peers compare it (agents on another host get data over TCP).
     #[arg(long, env = "TENSORBUS_HOST_ID")]
     host_id: Option<String>,
@@ -187,6 +191,13 @@ fn default_outbox(inbox: &str) -> Result<String, String> {
 }
 
 fn run_agent(a: AgentArgs) -> Result<(), String> {
+    let command_inbox = a.command_inbox.clone().unwrap_or_else(|| match std::env::var("MASTER_ADDR") {
+        Ok(host) if !host.is_empty() => format!("tcp://{host}:5555"),
+        _ => "tcp://127.0.0.1:5555".into(),
+    });
+    if a.listen_host == "0.0.0.0" && a.advertise.is_none() {
+        return Err("--listen-host 0.0.0.0 needs --advertise HOST: the address other hosts reach this agent at".into());
+    }
     let cfg = tensorbus_agent::AgentConfig {
         rank: a.rank,
         node_id: a.node_id.unwrap_or_else(|| format!("agent:{}", a.rank)),
@@ -196,9 +207,10 @@ fn run_agent(a: AgentArgs) -> Result<(), String> {
         state_path: a.state.unwrap_or_else(|| tensorbus_host::bootstrap::default_state_path(a.rank)),
         command_outbox: match a.command_outbox {
             Some(o) => o,
-            None => default_outbox(&a.command_inbox)?,
+            None => default_outbox(&command_inbox)?,
         },
-        command_inbox: a.command_inbox,
+        command_inbox,
+        advertise: a.advertise,
         host_id: a.host_id.unwrap_or_else(tensorbus_agent::hostname),
         data_listen: a.data_listen.unwrap_or_else(|| format!("{}:0", a.listen_host)),
         secret: match (a.secret_file, std::env::var("TENSORBUS_SECRET").ok()) {

@@ -262,3 +262,13 @@ fn up_starts_agents_and_cleans_up_on_ctrl_c() {
     assert!(left.is_empty(), "files left behind: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn binding_every_address_needs_an_advertised_one() {
+    let out = std::process::Command::new(common::BIN)
+        .args(["agent", "--rank", "0", "--listen-host", "0.0.0.0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --advertise"));
+}

@@ -79,10 +79,17 @@ impl Hosts {
 
     fn agent(&mut self, host: usize, rank: usize, ep: &(String, String), secret: &str) {
         let (q, s) = self.paths(rank);
+        // Odd ranks bind every address and advertise the namespace's one.
+        let listen: Vec<&str> = if rank % 2 == 1 {
+            vec!["--listen-host", "0.0.0.0", "--advertise", &self.addr[host]]
+        } else {
+            vec!["--listen-host", &self.addr[host]]
+        };
         let c = self
             .in_ns(host)
             .args(["agent", "--rank", &rank.to_string(), "--command-inbox", &ep.0, "--command-outbox", &ep.1])
-            .args(["--listen-host", &self.addr[host], "--host-id", &format!("host{host}")])
+            .args(listen)
+            .args(["--host-id", &format!("host{host}")])
             .arg("--command-queue")
             .arg(q)
             .arg("--state")
