@@ -111,10 +111,16 @@ class TensorBusClient:
         self.agent_rank = int(agent_rank)
         self.lmdb_command_queue_path = lmdb_command_queue_path
         self.agent_state_lmdb_path = agent_state_lmdb_path
-        self._native = _native.Client(
+        self._client = _native.Client(
             self.agent_rank, lmdb_command_queue_path, agent_state_lmdb_path, float(connection_timeout)
         )
-        setup_ptrace(self._native.agent_pid())
+        setup_ptrace(self._client.agent_pid())
+
+    @property
+    def _native(self) -> "_native.Client":
+        if self._client is None:
+            raise ValueError("this TensorBusClient is closed")
+        return self._client
 
     def init_pair(
         self,
@@ -180,8 +186,8 @@ class TensorBusClient:
         self._native.wait_epoch(batch_id, int(n), float(timeout))
 
     def close(self) -> None:
-        """Drops the connection (the agent keeps running)."""
-        self._native = None
+        """Drops the connection (the agent keeps running). Idempotent; later calls raise ValueError."""
+        self._client = None
 
     def __enter__(self) -> "TensorBusClient":
         return self

@@ -127,6 +127,11 @@ def test_exceptions_for_their_causes(job_factory, tmp_path):
         pending.acquire(10)
     assert ei.value.node_id == "agent:0" and "cleaned up" in str(ei.value)
     hb.close()
+    # A closed client says so.
+    a.close()
+    a.close()
+    with pytest.raises(ValueError, match="closed"):
+        a.transfer("w", "send")
 
 
 def _exit_without_closing(env, q):
