@@ -1200,7 +1200,10 @@ impl Agent {
                 self.check_batches();
             }
             Body::Ping(()) => {
-                let _ = self.send(Body::Identify(self.identify_value()));
+                // A (new) command node asks who we are: our subscription must be confirmed again
+                // by a publication of its own.
+                self.subscribed = false;
+                let _ = self.send_identify();
             }
             Body::Process(p) => {
                 let Epoch::Root(epoch) = p.epoch else { return };

@@ -25,7 +25,7 @@ impl EmbeddedCommandNode {
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let _ctx = ctx;
-            if let Err(e) = tensorbus_command::serve(bound, s) {
+            if let Err(e) = tensorbus_command::serve(bound, tensorbus_command::registry::Registry::Memory, s) {
                 tracing::error!("command node: {e}");
             }
         });

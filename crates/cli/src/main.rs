@@ -38,6 +38,10 @@ enum Cmd {
         /// HOST:PORT for the inbox; the outbox is PORT+1.
         #[arg(long, default_value = "127.0.0.1:5555")]
         listen: String,
+        /// Where the job's state lives: `memory` (default) or `etcd://HOST:PORT[/JOB]`, which lets
+        /// a restarted command node resume the job.
+        #[arg(long)]
+        registry: Option<String>,
     },
     /// Start a command node and N agents on loopback at the default paths; Ctrl-C stops them all.
     Up {
@@ -250,12 +254,14 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Agent(a) => run_agent(a),
-        Cmd::CommandNode { listen } => (|| {
+        Cmd::CommandNode { listen, registry } => (|| {
+            let registry =
+                tensorbus_command::registry::Registry::parse(registry.as_deref()).map_err(|e| e.to_string())?;
             let ctx = zmq::Context::new();
             let secret = tensorbus_command::secure::secret_from_env();
             let bound = tensorbus_command::bind(&ctx, &listen, secret.as_deref()).map_err(|e| e.to_string())?;
             println!("command node: inbox {} outbox {}", bound.endpoints.inbox, bound.endpoints.outbox);
-            tensorbus_command::serve(bound, stop_flag()).map_err(|e| e.to_string())
+            tensorbus_command::serve(bound, registry, stop_flag()).map_err(|e| e.to_string())
         })(),
         Cmd::Up { agents, listen, dir, copy_threads } => (|| {
             let stop = stop_flag();

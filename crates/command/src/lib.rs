@@ -4,6 +4,7 @@
 //! message to the sans-IO [`Coordinator`](tensorbus_protocol::coordinator::Coordinator), and sends
 //! what it asks for. All decisions live in the coordinator; this crate only moves bytes.
 
+pub mod registry;
 pub mod secure;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,8 @@ pub enum CommandError {
     Zmq(#[from] zmq::Error),
     #[error("bad listen address {0:?}: use HOST:PORT (PORT 0 picks free ports)")]
     BadListen(String),
+    #[error("registry: {0}")]
+    Registry(String),
 }
 
 /// The endpoints a running command node bound.
@@ -70,10 +73,14 @@ pub struct Bound {
 }
 
 /// Runs the command node on bound sockets until `stop` is set.
-pub fn serve(bound: Bound, stop: Arc<AtomicBool>) -> Result<(), CommandError> {
+pub fn serve(bound: Bound, registry: registry::Registry, stop: Arc<AtomicBool>) -> Result<(), CommandError> {
     let Bound { router, xpub, zap, endpoints } = bound;
     let endpoints = &endpoints;
     let mut coord = Coordinator::new("command", endpoints.inbox.clone());
+    if let Some(s) = registry.load()? {
+        tracing::info!(nodes = s.nodes.len(), next_epoch = s.next_epoch, "resuming the job from the registry");
+        coord.restore(Instant::now(), s);
+    }
     tracing::info!(inbox = %endpoints.inbox, outbox = %endpoints.outbox, "command node started");
     let mut ended_seen = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -114,6 +121,11 @@ pub fn serve(bound: Bound, stop: Arc<AtomicBool>) -> Result<(), CommandError> {
         if items[1].is_readable() {
             while let Ok(sub) = xpub.recv_bytes(zmq::DONTWAIT) {
                 tracing::debug!(subscribe = sub.first() == Some(&1), "outbox subscription change");
+            }
+        }
+        if coord.take_dirty() {
+            if let Err(e) = registry.store(&coord.snapshot()) {
+                tracing::error!("{e}");
             }
         }
         while let Some(out) = coord.poll_outgoing() {

@@ -64,8 +64,19 @@ pub struct EndedEpoch {
     pub checksum: u64,
 }
 
+/// What a command node persists to resume a job after a restart.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Default)]
+pub struct Snapshot {
+    pub nodes: BTreeMap<String, IdentifyValue>,
+    pub next_epoch: u64,
+    pub seqs: BTreeMap<String, u64>,
+    pub ended: Vec<EndedEpoch>,
+}
+
 /// The command node's state.
 pub struct Coordinator {
+    /// Something a [`Snapshot`] holds changed since the last [`Coordinator::take_dirty`].
+    dirty: bool,
     node_id: String,
     inbox: String,
     nodes: BTreeMap<String, Node>,
@@ -91,6 +102,7 @@ impl Coordinator {
     /// (after a restart) identify at once.
     pub fn new(node_id: impl Into<String>, inbox: impl Into<String>) -> Self {
         let mut c = Coordinator {
+            dirty: false,
             node_id: node_id.into(),
             inbox: inbox.into(),
             nodes: BTreeMap::new(),
@@ -138,8 +150,18 @@ impl Coordinator {
             }
             Body::Status(NodeStatus::Closed) if self.nodes.contains_key(&from) => self.remove_node(&from, "it closed"),
             Body::Status(s) => {
-                if let Some(n) = self.nodes.get_mut(&from) {
-                    n.status = s;
+                // A node we do not know (we restarted) or whose subscription is unconfirmed
+                // (restored from the registry) is asked to identify again.
+                let confirmed = match self.nodes.get_mut(&from) {
+                    Some(n) => {
+                        n.status = s;
+                        n.ident.subscribed
+                    }
+                    None => false,
+                };
+                if !confirmed && s != NodeStatus::Closed {
+                    let m = self.msg(Body::Ping(()));
+                    self.out.push_back(Outgoing::To(from, m));
                 }
             }
             // A ping from outside the directory is a status query (e.g. `tensorbus status`).
@@ -334,6 +356,7 @@ impl Coordinator {
     }
 
     fn announce(&mut self) {
+        self.dirty = true;
         let m = self.msg(Body::Announce(self.directory()));
         self.out.push_back(Outgoing::Publish(m));
     }
@@ -388,6 +411,7 @@ impl Coordinator {
         let participants = self.participants(batch_id).unwrap_or_default();
         let epoch = self.next_epoch;
         self.next_epoch += 1;
+        self.dirty = true;
         let seq = self.seqs.entry(batch_id.to_string()).or_default();
         let this_seq = *seq;
         *seq += 1;
@@ -429,6 +453,7 @@ impl Coordinator {
             if self.ended.len() > 64 {
                 self.ended.pop_front();
             }
+            self.dirty = true;
             let m = self.msg(Body::EpochEnded(Epoch::Root(epoch)));
             self.out.push_back(Outgoing::Publish(m));
             if self.free_in_flight == Some(epoch) {
@@ -448,6 +473,40 @@ impl Coordinator {
             }
             None => self.run_free(&self.node_id.clone()),
         }
+    }
+
+    /// What to persist to resume after a restart.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            nodes: self.nodes.iter().map(|(id, n)| (id.clone(), n.ident.clone())).collect(),
+            next_epoch: self.next_epoch,
+            seqs: self.seqs.clone(),
+            ended: self.ended.iter().cloned().collect(),
+        }
+    }
+
+    /// Resumes from a snapshot taken by an earlier command node of the job. Its nodes count as
+    /// just seen: each must speak within [`DEAD_AFTER`] or it leaves the directory.
+    pub fn restore(&mut self, now: Instant, s: Snapshot) {
+        self.nodes = s
+            .nodes
+            .into_iter()
+            .map(|(id, mut ident)| {
+                let status = ident.status;
+                // Their subscriptions were to the previous command node: each must confirm anew.
+                ident.subscribed = false;
+                (id, Node { ident, status, last_seen: now })
+            })
+            .collect();
+        self.next_epoch = self.next_epoch.max(s.next_epoch);
+        self.seqs = s.seqs;
+        self.ended = s.ended.into();
+        self.announce();
+    }
+
+    /// True once after every change a snapshot would show.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
     }
 
     /// The next message to send, if any.
@@ -742,5 +801,33 @@ mod tests {
             .iter()
             .any(|o| matches!(o, Outgoing::Publish(Message { body: Body::EpochEnded(Epoch::Root(3)), .. }))));
         assert!(!out.iter().any(|o| matches!(o, Outgoing::Publish(Message { body: Body::Process(_), .. }))), "stopped");
+    }
+
+    #[test]
+    fn a_restored_command_node_resumes_membership_and_epoch_numbers() {
+        let t0 = Instant::now();
+        let mut c = Coordinator::new("command", "inbox");
+        for id in ["a:0", "a:1", "b:0"] {
+            c.handle_message(t0, ident(id, &["w"]));
+            c.handle_message(t0, event(id, EventKind::Armed, "w", 0, None));
+        }
+        assert!(c.take_dirty());
+        let snap = c.snapshot();
+        assert_eq!(snap.next_epoch, 1);
+        let mut d = Coordinator::new("command", "inbox");
+        d.restore(t0, snap);
+        drain(&mut d);
+        assert_eq!(d.directory().nodes.len(), 3);
+        assert!(d.directory().nodes.values().all(|n| !n.subscribed), "subscriptions must be confirmed anew");
+        // A heartbeat from an unconfirmed node is answered with a ping.
+        d.handle_message(t0, Message::new("a:0", Body::Status(NodeStatus::Ready)));
+        assert!(matches!(&drain(&mut d)[..], [Outgoing::To(id, Message { body: Body::Ping(()), .. })] if id == "a:0"));
+        // Once all re-identify (subscribed), the next epoch is numbered after the old ones.
+        for id in ["a:0", "a:1", "b:0"] {
+            d.handle_message(t0, ident(id, &["w"]));
+            d.handle_message(t0, event(id, EventKind::Armed, "w", 0, None));
+        }
+        let out = drain(&mut d);
+        assert!(out.iter().any(|o| matches!(o, Outgoing::Publish(Message { body: Body::Process(p), .. }) if p.epoch == Epoch::Root(1) && p.input.seq == 1)), "{out:?}");
     }
 }

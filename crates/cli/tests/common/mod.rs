@@ -10,6 +10,8 @@ use std::time::Duration;
 pub const BIN: &str = env!("CARGO_BIN_EXE_tensorbus");
 
 pub struct Job {
+    /// Extra arguments of the command node (kept for restarts).
+    pub node_args: Vec<String>,
     pub dir: PathBuf,
     pub inbox: String,
     pub outbox: String,
@@ -29,9 +31,10 @@ pub fn free_listen() -> String {
     panic!("no free port pair");
 }
 
-fn start_node(listen: &str) -> (Child, String, String) {
+fn start_node(listen: &str, extra: &[String]) -> (Child, String, String) {
     let mut node = Command::new(BIN)
         .args(["command-node", "--listen", listen])
+        .args(extra)
         .env("TENSORBUS_LOG", if std::env::var_os("TB_TEST_LOGS").is_some() { "debug" } else { "warn" })
         .stdout(Stdio::piped())
         .stderr(if std::env::var_os("TB_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
@@ -62,9 +65,15 @@ impl Job {
 
     /// Starts a command node listening on `listen` and `agents` agents.
     pub fn start_on(tag: &str, agents: usize, listen: &str) -> Job {
+        Self::start_with(tag, agents, listen, &[])
+    }
+
+    /// As `start_on`, with extra command-node arguments.
+    pub fn start_with(tag: &str, agents: usize, listen: &str, node_args: &[&str]) -> Job {
         let dir = tmpdir(tag);
-        let (node, inbox, outbox) = start_node(listen);
-        let mut job = Job { dir, inbox, outbox, node: Some(node), agents: Vec::new() };
+        let node_args: Vec<String> = node_args.iter().map(|a| a.to_string()).collect();
+        let (node, inbox, outbox) = start_node(listen, &node_args);
+        let mut job = Job { node_args, dir, inbox, outbox, node: Some(node), agents: Vec::new() };
         for r in 0..agents {
             let c = job.spawn_agent(r, &job.inbox.clone(), &job.outbox.clone());
             job.agents.push(Some(c));
@@ -115,7 +124,7 @@ impl Job {
     /// Starts a new command node on the same endpoints.
     pub fn restart_node(&mut self) {
         let listen = self.inbox.trim_start_matches("tcp://").to_string();
-        let (node, inbox, _) = start_node(&listen);
+        let (node, inbox, _) = start_node(&listen, &self.node_args);
         assert_eq!(inbox, self.inbox);
         self.node = Some(node);
     }
