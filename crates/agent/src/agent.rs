@@ -328,8 +328,11 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     tensorbus_command::secure::client(&sub, cfg.secret.as_deref())?;
     sub.connect(&cfg.command_outbox)?;
     sub.set_subscribe(b"")?;
+    // Only peers that know the job secret may subscribe to our events.
+    let zap = tensorbus_command::secure::Zap::start(&ctx, cfg.secret.as_deref())?;
     let outbox = ctx.socket(zmq::XPUB)?;
     outbox.set_linger(0)?;
+    tensorbus_command::secure::server(&outbox, cfg.secret.as_deref())?;
     outbox.bind(&format!("tcp://{}:*", cfg.listen_host))?;
     let outbox_addr = advertised(&outbox.get_last_endpoint()?.unwrap_or_default(), cfg.advertise.as_deref());
     let commands = ctx.socket(zmq::PULL)?;
@@ -420,7 +423,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         awaiting: HashMap::new(),
     };
     tracing::info!(node = %cfg.node_id, queue = %cfg.command_queue_path.display(), outbox = %agent.outbox_addr, "agent started");
-    let result = agent.main_loop(&commands, &sub, &copy_pull, &stop);
+    let result = agent.main_loop(&commands, &sub, &copy_pull, zap.as_ref(), &stop);
 
     // Orderly exit: say so in the heartbeat, tell the command node, remove files and semaphores.
     agent.status = NodeStatus::Closed;
@@ -455,22 +458,29 @@ impl Agent {
         commands: &zmq::Socket,
         sub: &zmq::Socket,
         copy_pull: &zmq::Socket,
+        zap: Option<&tensorbus_command::secure::Zap>,
         stop: &AtomicBool,
     ) -> Result<(), AgentError> {
         self.send_identify()?;
         while !stop.load(Ordering::Relaxed) {
-            let mut items = [
+            let mut items = vec![
                 commands.as_poll_item(zmq::POLLIN),
                 sub.as_poll_item(zmq::POLLIN),
                 self.dealer.as_poll_item(zmq::POLLIN),
                 copy_pull.as_poll_item(zmq::POLLIN),
                 self.outbox.as_poll_item(zmq::POLLIN),
             ];
+            if let Some(z) = zap {
+                items.push(z.poll_item());
+            }
             match zmq::poll(&mut items, 100) {
                 Ok(_) | Err(zmq::Error::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
             let ready: Vec<bool> = items.iter().map(|i| i.is_readable()).collect();
+            if ready.get(5) == Some(&true) {
+                zap.expect("polled").handle();
+            }
             if ready[0] {
                 while let Ok(bytes) = commands.recv_bytes(zmq::DONTWAIT) {
                     self.handle_command(&bytes);

@@ -36,7 +36,10 @@ pub fn send(inbox: &str, body: Body, wait: Duration) -> Result<Option<Message>, 
         .map_err(|e| e.to_string())?;
     s.set_linger(1000).map_err(|e| e.to_string())?;
     s.connect(inbox).map_err(|e| format!("{inbox}: {e}"))?;
-    s.send(Message::new(&id, body).to_json().as_bytes(), 0).map_err(|e| e.to_string())?;
+    match s.send(Message::new(&id, body).to_json().as_bytes(), zmq::DONTWAIT) {
+        Err(zmq::Error::EAGAIN) => return Ok(None), // no connection: nobody to answer
+        r => r.map_err(|e| e.to_string())?,
+    }
     let mut items = [s.as_poll_item(zmq::POLLIN)];
     if zmq::poll(&mut items, wait.as_millis() as i64).map_err(|e| e.to_string())? == 0 {
         return Ok(None);

@@ -235,3 +235,25 @@ fn a_raw_connection_without_the_secret_gets_nothing() {
     // It sent its hello and proof (72 bytes) and nothing more before closing.
     assert_eq!(n, 72, "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_command_node_answers_only_peers_with_the_secret() {
+    let mut h = Hosts::new("ctl");
+    let ep = h.command_node();
+    let status = |secret: &str| {
+        h.in_ns(0)
+            .args(["status", "--json", "--command-inbox", &ep.0])
+            .env("TENSORBUS_SECRET", secret)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let ok = status(SECRET);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    for wrong in ["guess", ""] {
+        let out = status(wrong);
+        assert!(!out.status.success(), "answered a peer with secret {wrong:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no command node answered"), "{err}");
+    }
+}
