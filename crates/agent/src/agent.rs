@@ -1384,11 +1384,36 @@ impl Agent {
                 for ch in bp.chunks(bucket) {
                     let contributors = plan.contributors(ch.src_rank as usize);
                     if let Some(link) = link {
-                        if contributors.len() > 1 {
-                            return Err(format!("pair {pair}: Partial sources to another host are not supported yet"));
+                        let key: std::sync::Arc<str> = format!("{batch}\0{pair}\0{}", ch.tensor).into();
+                        if let (Some(op), true) = (reduce_op, contributors.len() > 1) {
+                            // Reduce here, from contributors on this host, then send the result.
+                            let dtype = bp.tensors[ch.tensor as usize].meta.dtype;
+                            if !reduce::supported(dtype) {
+                                return Err(format!("Partial reduction of {dtype} is not supported"));
+                            }
+                            for &r in &contributors {
+                                if mine.get(&(r as usize)).is_some_and(|(_, i, _)| i.host != self.cfg.host_id) {
+                                    return Err(format!(
+                                        "pair {pair}: Partial contributors on other hosts than their reducer are not supported yet"
+                                    ));
+                                }
+                            }
+                            let srcs: Vec<Loc> =
+                                contributors.iter().map(|&r| resolve(true, r, ch.tensor)).collect::<Result<_, _>>()?;
+                            for (so, doff, len) in ch.runs() {
+                                ops.push(Op::ReduceSend {
+                                    link,
+                                    key: key.clone(),
+                                    offset: doff,
+                                    srcs: srcs.iter().map(|s| s.offset(so)).collect(),
+                                    len,
+                                    dtype,
+                                    op,
+                                });
+                            }
+                            continue;
                         }
                         let src = resolve(true, ch.src_rank, ch.tensor)?;
-                        let key: std::sync::Arc<str> = format!("{batch}\0{pair}\0{}", ch.tensor).into();
                         for (so, doff, len) in ch.runs() {
                             ops.push(Op::Send { link, key: key.clone(), offset: doff, src: src.offset(so), len });
                         }

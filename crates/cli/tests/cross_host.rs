@@ -193,6 +193,11 @@ fn replicated_2d_source_to_uneven_destination_across_hosts() {
 }
 
 #[test]
+fn partial_sources_reduced_on_their_host_then_sent() {
+    assert_verified(&run("ps", (&[2, 2], "S(0),P"), (&[3], "S(1)"), &[1, 1, 1], &[23, 17], SECRET));
+}
+
+#[test]
 fn same_host_and_remote_destinations_in_one_job() {
     // Destination rank 0 shares host 0 with the sources (memory path), rank 1 is remote (TCP).
     assert_verified(&run("mix", (&[2], "S(1)"), (&[2], "S(0)"), &[0, 1], &[19, 64], SECRET));

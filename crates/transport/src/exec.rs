@@ -58,6 +58,16 @@ pub enum Op {
         src: Loc,
         len: u64,
     },
+    /// The reduction of `srcs` (staged here, at most one bucket), sent like [`Op::Send`].
+    ReduceSend {
+        link: usize,
+        key: std::sync::Arc<str>,
+        offset: u64,
+        srcs: Box<[Loc]>,
+        len: u64,
+        dtype: DType,
+        op: ReduceOp,
+    },
 }
 
 /// A rank's executable share of a batch: buckets of operations.
@@ -76,7 +86,9 @@ impl ExecPlan {
             .iter()
             .flatten()
             .map(|op| match op {
-                Op::Copy { len, .. } | Op::Reduce { len, .. } | Op::Send { len, .. } => *len,
+                Op::Copy { len, .. } | Op::Reduce { len, .. } | Op::Send { len, .. } | Op::ReduceSend { len, .. } => {
+                    *len
+                }
             })
             .sum()
     }
@@ -127,6 +139,34 @@ impl Scratch {
     }
 }
 
+/// Reduces `srcs` (each `len` bytes) into a staging buffer and returns it.
+///
+/// # Safety
+/// Every Local location in `srcs` is valid for `len` bytes.
+unsafe fn reduce_staged<'a>(
+    srcs: &[Loc],
+    len: usize,
+    dtype: DType,
+    op: ReduceOp,
+    scratch: &'a mut Scratch,
+) -> Result<&'a [u8], TransportError> {
+    let mut staged: Vec<*const u8> = Vec::with_capacity(srcs.len());
+    for (i, s) in srcs.iter().enumerate() {
+        match *s {
+            Loc::Local(p) => staged.push(p),
+            r => {
+                let buf = scratch.get(1 + i, len);
+                read_into(r, buf, len)?;
+                staged.push(buf);
+            }
+        }
+    }
+    let inputs: Vec<&[u8]> = staged.iter().map(|p| std::slice::from_raw_parts(*p, len)).collect();
+    let out = scratch.get(0, len);
+    reduce::reduce(dtype, op, std::slice::from_raw_parts_mut(out, len), &inputs)?;
+    Ok(std::slice::from_raw_parts(out, len))
+}
+
 /// # Safety
 /// Every Local location of `op` is valid for its length.
 unsafe fn run_op(
@@ -137,6 +177,14 @@ unsafe fn run_op(
     epoch: u64,
 ) -> Result<(), TransportError> {
     match op {
+        Op::ReduceSend { link, key, offset, srcs, len, dtype, op } => {
+            use std::io::Write;
+            let buf = reduce_staged(srcs, *len as usize, *dtype, *op, scratch)?;
+            let mut s = links[*link].lock().unwrap();
+            s.write_all(&crate::tcp::frame_header(epoch, key, *offset, *len))
+                .and_then(|_| s.write_all(buf))
+                .map_err(|e| TransportError::Io { what: format!("sending {len} reduced bytes of {key:?}"), source: e })
+        }
         Op::Send { link, key, offset, src, len } => {
             use std::io::Write;
             let len_us = *len as usize;
@@ -217,6 +265,10 @@ unsafe fn digest(op: &Op, scratch: &mut Scratch) -> Result<u64, TransportError> 
         Op::Copy { src, dst, len } => (if matches!(dst, Loc::Local(_)) { *dst } else { *src }, *len),
         Op::Reduce { dst, len, .. } => (*dst, *len),
         Op::Send { src, len, .. } => (*src, *len),
+        Op::ReduceSend { srcs, len, dtype, op, .. } => {
+            let h = blake3::hash(reduce_staged(srcs, *len as usize, *dtype, *op, scratch)?);
+            return Ok(u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")));
+        }
     };
     let n = len as usize;
     let bytes = match loc {
