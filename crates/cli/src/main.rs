@@ -42,6 +42,9 @@ enum Cmd {
         /// a restarted command node resume the job.
         #[arg(long)]
         registry: Option<String>,
+        /// File holding the job secret peers must prove (or TENSORBUS_SECRET).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
     /// Start a command node and N agents on loopback at the default paths; Ctrl-C stops them all.
     Up {
@@ -218,9 +221,13 @@ fn run_agent(a: AgentArgs) -> Result<(), String> {
         host_id: a.host_id.unwrap_or_else(tensorbus_agent::hostname),
         data_listen: a.data_listen.unwrap_or_else(|| format!("{}:0", a.listen_host)),
         secret: match (a.secret_file, std::env::var("TENSORBUS_SECRET").ok()) {
-            (Some(f), _) => {
-                Some(std::fs::read(&f).map_err(|e| format!("reading the secret file {}: {e}", f.display()))?)
-            }
+            (Some(f), _) => Some(
+                std::fs::read_to_string(&f)
+                    .map_err(|e| format!("reading the secret file {}: {e}", f.display()))?
+                    .trim_end()
+                    .as_bytes()
+                    .to_vec(),
+            ),
             (None, Some(s)) if !s.is_empty() => Some(s.into_bytes()),
             _ => None,
         },
@@ -254,9 +261,14 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Agent(a) => run_agent(a),
-        Cmd::CommandNode { listen, registry } => (|| {
+        Cmd::CommandNode { listen, registry, secret_file } => (|| {
             let registry =
                 tensorbus_command::registry::Registry::parse(registry.as_deref()).map_err(|e| e.to_string())?;
+            if let Some(f) = &secret_file {
+                let secret =
+                    std::fs::read_to_string(f).map_err(|e| format!("reading the secret file {}: {e}", f.display()))?;
+                std::env::set_var("TENSORBUS_SECRET", secret.trim_end());
+            }
             let ctx = zmq::Context::new();
             let secret = tensorbus_command::secure::secret_from_env();
             let bound = tensorbus_command::bind(&ctx, &listen, secret.as_deref()).map_err(|e| e.to_string())?;

@@ -272,3 +272,26 @@ fn binding_every_address_needs_an_advertised_one() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --advertise"));
 }
+
+#[test]
+fn the_command_outbox_publishes_only_to_peers_with_the_secret() {
+    let dir = common::tmpdir("outbox-secret");
+    let file = dir.join("secret");
+    std::fs::write(&file, "outbox-s3cret\n").unwrap();
+    let job = Job::start_with("outbox", 0, "127.0.0.1:0", &["--secret-file", file.to_str().unwrap()]);
+    // The command node publishes a heartbeat every 250 ms: only an authenticated subscriber sees it.
+    let heard = |secret: Option<&[u8]>| {
+        let ctx = zmq::Context::new();
+        let s = ctx.socket(zmq::SUB).unwrap();
+        tensorbus_command::secure::client(&s, secret).unwrap();
+        s.set_linger(0).unwrap();
+        s.connect(&job.outbox).unwrap();
+        s.set_subscribe(b"").unwrap();
+        let mut items = [s.as_poll_item(zmq::POLLIN)];
+        zmq::poll(&mut items, 1500).unwrap() > 0
+    };
+    assert!(heard(Some(b"outbox-s3cret")));
+    assert!(!heard(Some(b"guess")));
+    assert!(!heard(None));
+    let _ = std::fs::remove_dir_all(&dir);
+}

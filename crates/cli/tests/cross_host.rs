@@ -193,6 +193,16 @@ fn replicated_2d_source_to_uneven_destination_across_hosts() {
 }
 
 #[test]
+fn replicated_on_both_sides_across_hosts() {
+    assert_verified(&run("rb", (&[2, 2], "R,S(0)"), (&[2, 2], "S(1),R"), &[1, 1, 1, 1], &[30, 12], SECRET));
+}
+
+#[test]
+fn nested_uneven_destination_across_hosts() {
+    assert_verified(&run("nu", (&[3], "S(0)"), (&[2, 2], "S(0),S(0)"), &[1, 1, 1, 1], &[27, 5], SECRET));
+}
+
+#[test]
 fn partial_sources_reduced_on_their_host_then_sent() {
     assert_verified(&run("ps", (&[2, 2], "S(0),P"), (&[3], "S(1)"), &[1, 1, 1], &[23, 17], SECRET));
 }
