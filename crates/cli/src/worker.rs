@@ -153,7 +153,7 @@ fn work(spec: &WorkerSpec, base: &Report) -> Result<(), String> {
         locals.push((local, nbytes, dtype));
     }
     let seg_name = format!("/tb-{}-{}-{}", std::process::id(), spec.side, spec.rank);
-    let seg = ShmSegment::create(&seg_name, total.max(1) as usize).map_err(|e| e.to_string())?;
+    let seg = ShmSegment::recreate(&seg_name, total.max(1) as usize).map_err(|e| e.to_string())?;
     // The agents map the segment by name; the name is removed when this worker exits.
     struct Unlink(String);
     impl Drop for Unlink {

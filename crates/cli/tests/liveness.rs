@@ -137,6 +137,8 @@ fn a_killed_worker_is_noticed_by_its_agent_and_its_peers() {
     }
     dst.kill().unwrap();
     dst.wait().unwrap();
+    // A worker killed with SIGKILL cannot remove its shared memory; do it for it.
+    ShmSegment::unlink(&format!("/tb-{}-dst-0", dst.id()));
     let err =
         lines.map_while(Result::ok).find(|l| l.contains("\"phase\":\"error\"")).expect("the sender reports an error");
     assert!(err.contains("worker pid") || err.contains("agent:1"), "{err}");

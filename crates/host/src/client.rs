@@ -93,7 +93,9 @@ impl Inner {
         let pooled = self.pool.lock().unwrap().pop();
         let sem = match pooled {
             Some(s) => s,
-            None => Semaphore::create(&generate_semaphore_name(kind, context), 0)?,
+            // The name holds our pid and a per-process counter, so one that exists already was
+            // left by a dead process that had our pid: replace it.
+            None => Semaphore::recreate(&generate_semaphore_name(kind, context), 0)?,
         };
         let cmd = build(sem.name().to_string());
         let what = format!("{} on agent {}", cmd.type_name(), self.agent_rank);

@@ -39,6 +39,8 @@ struct Node {
     ident: IdentifyValue,
     status: NodeStatus,
     last_seen: Instant,
+    /// Known only from a registry snapshot: it has not identified to this command node yet.
+    restored: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -134,7 +136,7 @@ impl Coordinator {
             Body::Identify(v) => {
                 let status = v.status;
                 let changed = self.nodes.get(&from).is_none_or(|n| n.ident != v);
-                self.nodes.insert(from.clone(), Node { ident: v, status, last_seen: now });
+                self.nodes.insert(from.clone(), Node { ident: v, status, last_seen: now, restored: false });
                 // Always answer, so a node whose first announce was lost (slow joiner) learns it
                 // has joined; announce to all when the directory changed.
                 if changed {
@@ -155,7 +157,7 @@ impl Coordinator {
                 let confirmed = match self.nodes.get_mut(&from) {
                     Some(n) => {
                         n.status = s;
-                        n.ident.subscribed
+                        !n.restored
                     }
                     None => false,
                 };
@@ -495,7 +497,7 @@ impl Coordinator {
                 let status = ident.status;
                 // Their subscriptions were to the previous command node: each must confirm anew.
                 ident.subscribed = false;
-                (id, Node { ident, status, last_seen: now })
+                (id, Node { ident, status, last_seen: now, restored: true })
             })
             .collect();
         self.next_epoch = self.next_epoch.max(s.next_epoch);

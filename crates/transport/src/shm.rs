@@ -50,6 +50,13 @@ impl ShmSegment {
         Self::map(name, fd, len, 0)
     }
 
+    /// Creates a new segment, first removing a stale one of that name (for names that embed the
+    /// creator's pid: one that exists was left by a dead process that had the same pid).
+    pub fn recreate(name: &str, len: usize) -> Result<Self, TransportError> {
+        Self::unlink(name);
+        Self::create(name, len)
+    }
+
     /// Maps an existing segment (its whole size).
     pub fn open(name: &str) -> Result<Self, TransportError> {
         let c = cname(name)?;
