@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tensorbus_host::keys::{self, Heartbeat};
-use tensorbus_host::sem::Semaphore;
 use tensorbus_host::store::{CommandQueue, StateStore};
 use tensorbus_host::HEARTBEAT_INTERVAL;
 use tensorbus_planner::{BatchPlan, DType, Layout, PairPlan, Placement, Scope, Side, TensorMeta};
@@ -24,6 +23,7 @@ use tensorbus_transport::shm::ShmSegment;
 use tensorbus_transport::tcp::{self, Secret};
 use tensorbus_transport::{cma, reduce};
 
+use crate::commands::{self, value_err, Answer, BatchStatus, Lane, Replies};
 use crate::directory;
 use crate::AgentError;
 
@@ -263,8 +263,11 @@ struct Agent {
     /// Bytes received over TCP per epoch, and receives waiting for their remote bytes.
     received: HashMap<u64, u64>,
     awaiting: HashMap<u64, (String, u64, u64)>,
-    /// Open client semaphores, by name.
-    sems: std::cell::RefCell<HashMap<String, Semaphore>>,
+    replies: Arc<Replies>,
+    /// What the queue thread answers queries from.
+    lane: Arc<Lane>,
+    /// Completions of this loop turn, sent by [`Agent::flush`].
+    outgoing: std::cell::RefCell<Vec<(String, CommandResult)>>,
     /// Epoch number → (batch, seq), from `process` messages.
     epochs: HashMap<u64, (String, u64)>,
 }
@@ -355,23 +358,14 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
             }
         })
     };
+    let lane = Arc::new(Lane::default());
+    let replies = Arc::new(Replies::new(state.clone()));
     let reader = {
-        let (queue, stop, ctx) = (queue.clone(), threads_stop.clone(), ctx.clone());
-        std::thread::spawn(move || -> Result<(), AgentError> {
-            let push = ctx.socket(zmq::PUSH)?;
-            push.connect(&cmd_ep)?;
-            while !stop.load(Ordering::Relaxed) {
-                match queue.dequeue(Duration::from_millis(200)) {
-                    Ok(Some(bytes)) => push.send(bytes, 0)?,
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!("command queue: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-            Ok(())
-        })
+        let push = ctx.socket(zmq::PUSH)?;
+        push.connect(&cmd_ep)?;
+        let (queue, lane, replies, me, stop) =
+            (queue.clone(), lane.clone(), replies.clone(), cfg.node_id.clone(), threads_stop.clone());
+        std::thread::spawn(move || commands::queue_thread(queue, lane, replies, push, me, stop))
     };
 
     let data_listener = std::net::TcpListener::bind(&cfg.data_listen)
@@ -415,7 +409,9 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         last_heartbeat: Instant::now(),
         last_pid_check: Instant::now(),
         epochs: HashMap::new(),
-        sems: Default::default(),
+        replies,
+        lane,
+        outgoing: Default::default(),
         data_addr,
         targets,
         data_rx,
@@ -424,6 +420,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     };
     tracing::info!(node = %cfg.node_id, queue = %cfg.command_queue_path.display(), outbox = %agent.outbox_addr, "agent started");
     let result = agent.main_loop(&commands, &sub, &copy_pull, zap.as_ref(), &stop);
+    agent.flush(0);
 
     // Orderly exit: say so in the heartbeat, tell the command node, remove files and semaphores.
     agent.status = NodeStatus::Closed;
@@ -446,10 +443,6 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     drop(lock);
     tracing::info!(node = %cfg.node_id, "agent stopped");
     result
-}
-
-fn value_err(origin: &str, msg: impl Into<String>) -> RemoteError {
-    RemoteError { kind: ErrorKind::ValueError, message: msg.into(), origin: origin.into() }
 }
 
 impl Agent {
@@ -481,9 +474,11 @@ impl Agent {
             if ready.get(5) == Some(&true) {
                 zap.expect("polled").handle();
             }
+            let mut handled = 0;
             if ready[0] {
                 while let Ok(bytes) = commands.recv_bytes(zmq::DONTWAIT) {
                     self.handle_command(&bytes);
+                    handled += 1;
                 }
             }
             let mut msgs = Vec::new();
@@ -525,6 +520,7 @@ impl Agent {
                 while self.outbox.recv_bytes(zmq::DONTWAIT).is_ok() {}
             }
             self.tick()?;
+            self.flush(handled);
         }
         Ok(())
     }
@@ -681,30 +677,26 @@ impl Agent {
     }
 
     /// Writes the result, then posts the command's semaphore.
+    /// Completes a command once this loop turn is over (see [`Agent::flush`]).
     fn complete(&self, sem: Option<&str>, result: CommandResult) {
         if let Some(e) = &result.error {
             tracing::warn!(node = %self.cfg.node_id, "command failed: {}", e.message);
         }
-        let Some(sem) = sem else { return };
-        if let Err(e) = self.state.put(&keys::command_result(sem), &result.encode()) {
-            tracing::error!("storing result for {sem}: {e}");
-            return;
+        if let Some(sem) = sem {
+            self.outgoing.borrow_mut().push((sem.to_string(), result));
         }
-        // Clients reuse their semaphores, so keep them open (a post to one whose client is gone
-        // is harmless: nobody waits on it).
-        let mut cache = self.sems.borrow_mut();
-        if !cache.contains_key(sem) {
-            match Semaphore::open(sem) {
-                Ok(s) => {
-                    if cache.len() >= 1024 {
-                        cache.clear();
-                    }
-                    cache.insert(sem.to_string(), s);
-                }
-                Err(e) => return tracing::warn!("client semaphore {sem} is gone (client gave up?): {e}"),
-            }
+    }
+
+    /// Publishes the batches' status to the queue thread, then completes this turn's commands:
+    /// a worker woken by a completion must find what it waited for in any query it makes next.
+    fn flush(&mut self, handled: u64) {
+        self.lane.publish(
+            self.batches.iter().map(|(k, b)| (k.clone(), BatchStatus { signal: b.signal, ended: b.ended })).collect(),
+        );
+        for (sem, result) in self.outgoing.get_mut().drain(..) {
+            self.replies.complete(Some(&sem), result);
         }
-        let _ = cache[sem].post();
+        self.lane.handled(handled);
     }
 
     fn handle_command(&mut self, bytes: &[u8]) {
@@ -1062,7 +1054,7 @@ impl Agent {
         b.next_seq += 1;
         b.signal = false;
         b.pending.push_back(PendingTransfer { seq, dir, sem, epoch: None });
-        let _ = self.state.put(&keys::batch_state(batch, "transfer_signal"), b"\xc2");
+        self.replies.store_signal(batch, false);
         self.emit(batch, EventKind::Armed, seq, None, 0, 0.0, 0);
         Ok(None)
     }
@@ -1073,31 +1065,19 @@ impl Agent {
         state_name: &str,
         sem: Option<String>,
     ) -> Result<Option<CommandResult>, RemoteError> {
-        let me = self.cfg.node_id.clone();
-        let b = self
-            .batches
-            .get_mut(batch)
-            .ok_or_else(|| value_err(&me, format!("QueryStatus: unknown batch {batch:?}")))?;
-        if let Some(n) = state_name.strip_prefix("epoch_ended:") {
-            // Completes once epoch `n` of the batch has ended on every agent taking part.
-            let n: u64 = n.parse().map_err(|_| value_err(&me, format!("QueryStatus: bad epoch in {state_name:?}")))?;
-            if b.ended > n {
-                return Ok(Some(CommandResult::value(true)));
+        let b = self.batches.get_mut(batch);
+        let status = b.as_ref().map(|b| BatchStatus { signal: b.signal, ended: b.ended });
+        match commands::answer(&self.cfg.node_id, batch, status, state_name)? {
+            Answer::WaitFor(n) => {
+                b.expect("answered for a known batch").waits.push((n, sem));
+                Ok(None)
             }
-            b.waits.push((n, sem));
-            return Ok(None);
-        }
-        match state_name {
-            "transfer_signal" => {
-                let signal = b.signal;
-                let _ = self.state.put(&keys::batch_state(batch, state_name), if signal { b"\xc3" } else { b"\xc2" });
-                Ok(Some(CommandResult::value(signal)))
+            Answer::Now(v) => {
+                if state_name == "transfer_signal" {
+                    self.replies.store_signal(batch, v);
+                }
+                Ok(Some(CommandResult::value(v)))
             }
-            "epoch_ended" => Ok(Some(CommandResult::value(b.ended > 0))),
-            other => Err(value_err(
-                &me,
-                format!("QueryStatus: unknown state {other:?} (known: transfer_signal, epoch_ended, epoch_ended:N)"),
-            )),
         }
     }
 
@@ -1570,7 +1550,7 @@ impl Agent {
             }
         }
         if let Some((id, p)) = hit {
-            let _ = self.state.put(&keys::batch_state(&id, "transfer_signal"), b"\xc3");
+            self.replies.store_signal(&id, true);
             let _ = self.state.put(&keys::epoch_ended(&id), &p.seq.to_le_bytes());
             self.complete(p.sem.as_deref(), CommandResult::ok());
         }

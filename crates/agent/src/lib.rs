@@ -3,12 +3,13 @@
 //! The agent: one daemon per rank. It owns its worker's command queue and state store, speaks the
 //! control protocol with the command node, and executes transfers directly against workers' memory.
 //!
-//! Threads: the *queue thread* blocks on the command queue's semaphore and hands each command to
-//! the main loop over an in-process ZeroMQ socket; the *heartbeat thread* rewrites the heartbeat in
+//! Threads: the *queue thread* blocks on the command queue's semaphore, answers status queries
+//! itself and hands every other command to the main loop over an in-process ZeroMQ socket; the *heartbeat thread* rewrites the heartbeat in
 //! the state store; the *main loop* waits (zmq poll, no busy loop) on commands, control messages
 //! and finished copies; *copy threads* run a rank's share of an epoch.
 
 mod agent;
+mod commands;
 mod directory;
 
 pub use agent::{hostname, run, AgentConfig};

@@ -248,7 +248,7 @@ fn placements_for(mesh: &[usize], first: usize) -> String {
 }
 
 /// Median and p99 of the command round trip (enqueue → agent → result → semaphore), microseconds.
-fn command_rtt(iters: usize) -> Result<(f64, f64), String> {
+pub fn command_rtt(iters: usize) -> Result<(f64, f64), String> {
     let dir = std::env::temp_dir().join(format!("tensorbus-bench-rtt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let node = crate::launch::EmbeddedCommandNode::start("127.0.0.1:0")?;
@@ -438,13 +438,26 @@ pub struct CrossRow {
     pub bytes: u64,
     pub best_gbps: f64,
     pub median_gbps: f64,
+    /// Raw TCP from and into one reused, cache-hot 1 MiB buffer: the network path's own rate.
     pub raw_tcp_gbps: f64,
     pub ratio: f64,
+    /// Raw TCP from and into memory the size of the transfer: the network path plus the memory
+    /// traffic any transfer of these bytes must make.
+    pub raw_tcp_memory_gbps: f64,
+    pub ratio_memory: f64,
     pub verified: Option<bool>,
 }
 
-/// Raw TCP between the two namespaces, best of 3, with `streams` connections.
-fn raw_tcp(net: &crate::netns::Netns, exe: &std::path::Path, bytes: u64, streams: usize) -> Result<f64, String> {
+/// Raw TCP between the two namespaces, best of 3, with `streams` connections; `whole`: from and
+/// into memory the size of the transfer, else from and into one reused 1 MiB buffer.
+fn raw_tcp(
+    net: &crate::netns::Netns,
+    exe: &std::path::Path,
+    bytes: u64,
+    streams: usize,
+    whole: bool,
+) -> Result<f64, String> {
+    let flag: &[&str] = if whole { &["--whole"] } else { &[] };
     use std::io::BufRead;
     let mut best = f64::MAX;
     for _ in 0..3 {
@@ -452,6 +465,7 @@ fn raw_tcp(net: &crate::netns::Netns, exe: &std::path::Path, bytes: u64, streams
             .command(1, exe)
             .args(["bench", "tcp-sink", "--listen", &format!("{}:0", net.addr[1])])
             .args(["--streams", &streams.to_string(), "--bytes", &bytes.to_string()])
+            .args(flag)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
@@ -470,6 +484,7 @@ fn raw_tcp(net: &crate::netns::Netns, exe: &std::path::Path, bytes: u64, streams
                 "--bytes",
                 &bytes.to_string(),
             ])
+            .args(flag)
             .output()
             .map_err(|e| e.to_string())?;
         let _ = sink.wait();
@@ -531,7 +546,8 @@ pub fn cross_host(smoke: bool) -> Result<Vec<CrossRow>, String> {
             let _ = a.wait();
         }
         let run = run?;
-        let raw = raw_tcp(&net, &exe, bytes, streams)?;
+        let raw = raw_tcp(&net, &exe, bytes, streams, false)?;
+        let whole = raw_tcp(&net, &exe, bytes, streams, true)?;
         rows.push(CrossRow {
             streams,
             bytes,
@@ -539,6 +555,8 @@ pub fn cross_host(smoke: bool) -> Result<Vec<CrossRow>, String> {
             median_gbps: run.gbps(run.median()),
             raw_tcp_gbps: raw,
             ratio: run.gbps(run.best()) / raw,
+            raw_tcp_memory_gbps: whole,
+            ratio_memory: run.gbps(run.best()) / whole,
             verified: check.then_some(run.verified),
         });
     }
@@ -548,16 +566,18 @@ pub fn cross_host(smoke: bool) -> Result<Vec<CrossRow>, String> {
 }
 
 pub fn cross_markdown(rows: &[CrossRow]) -> String {
-    let mut m = String::from("| streams | bytes | best GB/s | median GB/s | raw TCP GB/s (same streams) | best / raw TCP | verified |\n|---:|---:|---:|---:|---:|---:|---|\n");
+    let mut m = String::from("| streams | bytes | best GB/s | median GB/s | raw TCP, 1 MiB buffer GB/s | best / raw | raw TCP, memory to memory GB/s | best / raw memory to memory | verified |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in rows {
         m += &format!(
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
             r.streams,
             r.bytes,
             r.best_gbps,
             r.median_gbps,
             r.raw_tcp_gbps,
             r.ratio,
+            r.raw_tcp_memory_gbps,
+            r.ratio_memory,
             match r.verified {
                 Some(true) => "yes",
                 Some(false) => "NO",

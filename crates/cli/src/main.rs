@@ -151,6 +151,9 @@ enum BenchWhat {
         streams: usize,
         #[arg(long)]
         bytes: u64,
+        /// Send from / receive into memory the size of the whole transfer (not a reused buffer).
+        #[arg(long)]
+        whole: bool,
     },
     /// Raw TCP sender for the cross-host baseline (internal).
     #[command(hide = true)]
@@ -161,6 +164,9 @@ enum BenchWhat {
         streams: usize,
         #[arg(long)]
         bytes: u64,
+        /// Send from / receive into memory the size of the whole transfer (not a reused buffer).
+        #[arg(long)]
+        whole: bool,
     },
     /// Everything: transfers vs memcpy / process_vm_readv, resharding vs a naive baseline, round
     /// trips, agent memory, planner; writes results.md and results.json.
@@ -171,6 +177,12 @@ enum BenchWhat {
         /// Directory for results.md and results.json.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
+    },
+    /// Command round trip (enqueue → agent → result → semaphore) on one live agent.
+    Rtt {
+        /// Round trips timed (median and p99 are reported).
+        #[arg(long, default_value_t = 5000)]
+        iters: usize,
     },
     /// Planner time for the 8B-class and 1T-class workloads.
     Planner {
@@ -334,14 +346,17 @@ fn main() -> ExitCode {
             let json = serde_json::json!({"suite": s, "planner": serde_json::from_str::<serde_json::Value>(&bench::planner_json(&planner)).unwrap_or_default()});
             std::fs::write(out.join("results.json"), json.to_string()).map_err(|e| e.to_string())
         })(),
-        Cmd::Bench { what: BenchWhat::TcpSink { listen, streams, bytes } } => {
-            netns::tcp_sink(&listen, streams.max(1), bytes)
+        Cmd::Bench { what: BenchWhat::TcpSink { listen, streams, bytes, whole } } => {
+            netns::tcp_sink(&listen, streams.max(1), bytes, whole)
         }
-        Cmd::Bench { what: BenchWhat::TcpSource { to, streams, bytes } } => {
-            netns::tcp_source(&to, streams.max(1), bytes)
+        Cmd::Bench { what: BenchWhat::TcpSource { to, streams, bytes, whole } } => {
+            netns::tcp_source(&to, streams.max(1), bytes, whole)
         }
         Cmd::Bench { what: BenchWhat::CrossHost { smoke } } => bench::cross_host(smoke).map(|rows| {
             print!("{}", bench::cross_markdown(&rows));
+        }),
+        Cmd::Bench { what: BenchWhat::Rtt { iters } } => bench::command_rtt(iters.max(1)).map(|(med, p99)| {
+            println!("command round trip over {iters}: median {med:.1} us, p99 {p99:.1} us");
         }),
         Cmd::Bench { what: BenchWhat::Planner { iters, out } } => {
             let rows = bench::planner(iters.max(1));

@@ -55,7 +55,7 @@ impl Drop for Netns {
 
 /// `tensorbus bench tcp-sink`: accepts `streams` connections, reads `bytes` in total, then acks
 /// each stream with one byte. Prints its address first.
-pub fn tcp_sink(listen: &str, streams: usize, bytes: u64) -> Result<(), String> {
+pub fn tcp_sink(listen: &str, streams: usize, bytes: u64, whole: bool) -> Result<(), String> {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind(listen).map_err(|e| e.to_string())?;
     println!("listening {}", l.local_addr().map_err(|e| e.to_string())?);
@@ -64,10 +64,13 @@ pub fn tcp_sink(listen: &str, streams: usize, bytes: u64) -> Result<(), String> 
         .map(|_| {
             let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
             Ok(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 20];
+                // `whole`: every byte lands at its own place in memory, as a transfer's do;
+                // otherwise one cache-hot 1 MiB buffer is reused (the network's own rate).
+                let mut buf = touched(if whole { per as usize } else { 1 << 20 });
                 let mut left = per;
                 while left > 0 {
-                    let n = s.read(&mut buf[..(left.min(1 << 20)) as usize]).unwrap_or(0);
+                    let at = if whole { (per - left) as usize } else { 0 };
+                    let n = s.read(&mut buf[at..at + (left.min(1 << 20)) as usize]).unwrap_or(0);
                     if n == 0 {
                         break;
                     }
@@ -83,24 +86,30 @@ pub fn tcp_sink(listen: &str, streams: usize, bytes: u64) -> Result<(), String> 
     Ok(())
 }
 
+/// A buffer whose pages are all mapped already.
+fn touched(len: usize) -> Vec<u8> {
+    vec![7u8; len]
+}
+
 /// `tensorbus bench tcp-source`: sends `bytes` over `streams` connections to `to`, waits for the
 /// acks, prints the seconds taken.
-pub fn tcp_source(to: &str, streams: usize, bytes: u64) -> Result<(), String> {
+pub fn tcp_source(to: &str, streams: usize, bytes: u64, whole: bool) -> Result<(), String> {
     use std::io::{Read, Write};
     let per = bytes / streams as u64;
     let conns: Vec<std::net::TcpStream> =
         (0..streams).map(|_| std::net::TcpStream::connect(to).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
-    let data = vec![7u8; 1 << 20];
+    let bufs: Vec<Vec<u8>> = (0..streams).map(|_| touched(if whole { per as usize } else { 1 << 20 })).collect();
     let t0 = std::time::Instant::now();
     let handles: Vec<_> = conns
         .into_iter()
-        .map(|mut s| {
-            let data = data.clone();
+        .zip(bufs)
+        .map(|(mut s, data)| {
             std::thread::spawn(move || {
                 let mut left = per;
                 while left > 0 {
-                    let n = left.min(data.len() as u64) as usize;
-                    if s.write_all(&data[..n]).is_err() {
+                    let at = if whole { (per - left) as usize } else { 0 };
+                    let n = left.min(1 << 20) as usize;
+                    if s.write_all(&data[at..at + n]).is_err() {
                         return;
                     }
                     left -= n as u64;

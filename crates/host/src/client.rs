@@ -104,6 +104,35 @@ impl Inner {
     }
 }
 
+/// How long a waiting client spins before it sleeps on its semaphore: `TENSORBUS_SPIN_US`, 50 µs
+/// by default, 0 to never spin.
+///
+/// Waking a thread that sleeps on another (virtual) CPU costs tens of microseconds — most of a
+/// command's round trip. The worker is blocked on its command anyway; spinning briefly, yielding
+/// the CPU on each turn so a thread sharing it still runs, sees a quick answer without that wake-up.
+fn spin_budget() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("TENSORBUS_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+        Duration::from_micros(us)
+    })
+}
+
+/// Takes the semaphore if it is posted within `budget`, without sleeping.
+fn spin_for(sem: &Semaphore, budget: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if sem.try_wait() {
+            return true;
+        }
+        if start.elapsed() >= budget {
+            return false;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+}
+
 /// A command in flight: wait on it now or later. Like the reference's semaphore, it can be waited
 /// on with a timeout; unlike it, waiting also reports the command's outcome.
 pub struct Pending {
@@ -131,7 +160,10 @@ impl Pending {
         }
         let deadline = Instant::now() + timeout;
         let sem = self.sem.as_ref().expect("present until drop");
-        loop {
+        if spin_for(sem, timeout.min(spin_budget())) {
+            self.consumed = true;
+        }
+        while !self.consumed {
             let slice = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
             if sem.wait_timeout(slice)? {
                 self.consumed = true;
