@@ -24,6 +24,8 @@ echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 nice cargo clippy --workspace --all-targets --locked -- -D warnings
+# The GPU feature is on by default; the build without it must stay clean too.
+nice cargo clippy --locked --all-targets --no-default-features -p tensorbus-cli -p tensorbus-python -- -D warnings
 echo "== cargo test"
 nice cargo test --workspace --locked
 nice cargo build --release --locked --bin tensorbus

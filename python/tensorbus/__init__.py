@@ -164,8 +164,8 @@ class TensorBusClient:
                 t, pair = entry
             except (TypeError, ValueError):
                 raise ValueError(f"tensors[{i}] must be a (tensor, pair_name) tuple") from None
-            dtype, shape, strides, addr, nbytes, owner = describe(t)
-            items.append((str(pair), dtype, list(shape), list(strides), addr, nbytes, f"{pair}[{i}]"))
+            dtype, shape, strides, addr, nbytes, device, owner = describe(t)
+            items.append((str(pair), dtype, list(shape), list(strides), addr, nbytes, f"{pair}[{i}]", device))
             owners.append(owner)
             if pair not in pairs:
                 pairs.append(pair)

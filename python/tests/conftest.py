@@ -16,8 +16,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 
 class Job:
-    def __init__(self, tmp: pathlib.Path, agents: int):
+    def __init__(self, tmp: pathlib.Path, agents: int, log: bool = False):
         self.dir = tmp
+        self.log = log
         self.node = subprocess.Popen(
             [BIN, "command-node", "--listen", "127.0.0.1:0"],
             stdout=subprocess.PIPE,
@@ -41,9 +42,13 @@ class Job:
             [BIN, "agent", "--rank", str(rank), "--command-inbox", self.inbox, "--command-outbox", self.outbox,
              "--command-queue", q, "--state", s],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "TENSORBUS_LOG": "warn"},
+            stderr=open(self.log_path(rank), "ab") if self.log else subprocess.DEVNULL,
+            env={**os.environ, "TENSORBUS_LOG": "info" if self.log else "warn"},
         )
+
+    def log_path(self, rank: int) -> pathlib.Path:
+        """Agent `rank`'s log (jobs made with log=True)."""
+        return self.dir / f"agent{rank}.log"
 
     def env(self, rank: int):
         """Environment for a worker of agent `rank`, for bootstrap_client()."""
@@ -68,8 +73,8 @@ class Job:
 def job_factory(tmp_path):
     jobs = []
 
-    def make(agents: int) -> Job:
-        j = Job(tmp_path, agents)
+    def make(agents: int, log: bool = False) -> Job:
+        j = Job(tmp_path, agents, log)
         jobs.append(j)
         return j
 

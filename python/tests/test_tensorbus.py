@@ -13,15 +13,15 @@ from workers import run_worker
 CTX = mp.get_context("spawn")
 
 
-def run_flow(job, src_mesh, src_pl, dst_mesh, dst_pl, shapes, dtype=np.float32, repeat=2, use_torch=False):
+def run_flow(job, src_mesh, src_pl, dst_mesh, dst_pl, shapes, dtype=np.float32, repeat=2, use_torch=False, device="cpu", env=None):
     n_src = int(np.prod(src_mesh))
     n_dst = int(np.prod(dst_mesh))
     q = CTX.Queue()
     procs = []
     for r in range(n_src):
-        procs.append(CTX.Process(target=run_worker, args=(job.env(r), "src", r, src_mesh, src_pl, n_src, shapes, dtype, repeat, q, use_torch)))
+        procs.append(CTX.Process(target=run_worker, args=({**job.env(r), **(env or {})}, "src", r, src_mesh, src_pl, n_src, shapes, dtype, repeat, q, use_torch, device)))
     for r in range(n_dst):
-        procs.append(CTX.Process(target=run_worker, args=(job.env(n_src + r), "dst", r, dst_mesh, dst_pl, n_dst, shapes, dtype, repeat, q, use_torch)))
+        procs.append(CTX.Process(target=run_worker, args=({**job.env(n_src + r), **(env or {})}, "dst", r, dst_mesh, dst_pl, n_dst, shapes, dtype, repeat, q, use_torch, device)))
     for p in procs:
         p.start()
     results = [q.get(timeout=120) for _ in procs]

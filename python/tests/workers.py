@@ -38,8 +38,11 @@ def coords_of(rank, mesh_shape):
     return tuple(reversed(c))
 
 
-def run_worker(env, side, rank, mesh_shape, placements, world, shapes, dtype, repeat, result_q, use_torch=False):
-    """One worker: bootstrap, pair, register, transfer `repeat` times, verify (receiver)."""
+def run_worker(env, side, rank, mesh_shape, placements, world, shapes, dtype, repeat, result_q, use_torch=False, device="cpu"):
+    """One worker: bootstrap, pair, register, transfer `repeat` times, verify (receiver).
+
+    ``device="cuda"``: torch tensors on the GPU (``use_torch`` implied)."""
+    use_torch = use_torch or device != "cpu"
     os.environ.update(env)
     try:
         import tensorbus
@@ -69,7 +72,7 @@ def run_worker(env, side, rank, mesh_shape, placements, world, shapes, dtype, re
             if use_torch:
                 import torch
 
-                a = torch.from_numpy(a)
+                a = torch.from_numpy(a).to(device)
             arrays.append(a)
         batch = client.register_tensors("step", [(a, "weights") for a in arrays], timeout=20)
         for _ in range(repeat):
@@ -77,7 +80,7 @@ def run_worker(env, side, rank, mesh_shape, placements, world, shapes, dtype, re
         ok = True
         if side == "dst":
             for i, shape in enumerate(shapes):
-                got = arrays[i].numpy() if use_torch else arrays[i]
+                got = arrays[i].cpu().numpy() if use_torch else arrays[i]
                 want = logical(shape, dtype, i)[local_slice(shape, mesh_shape, coords, placements)]
                 ok &= bool(np.array_equal(got, want))
         batch.close()

@@ -25,6 +25,7 @@ use tensorbus_transport::{cma, reduce};
 
 use crate::commands::{self, value_err, Answer, BatchStatus, Lane, Replies};
 use crate::directory;
+use crate::gpu::Gpus;
 use crate::AgentError;
 
 /// How an agent is set up.
@@ -58,6 +59,8 @@ pub struct AgentConfig {
     /// a read of those bytes).
     pub checksum: bool,
     pub copy_threads: usize,
+    /// CUDA streams per GPU for device-memory copies.
+    pub gpu_streams: usize,
     pub queue_capacity: u64,
     /// How long commands that need the command node wait for it before failing.
     pub join_timeout: Duration,
@@ -98,6 +101,8 @@ struct BatchState {
 struct Target {
     loc: Loc,
     nbytes: u64,
+    /// Moves received bytes into device memory (a `Loc::Device` target).
+    dev: Option<Arc<dyn tensorbus_transport::exec::DeviceEngine>>,
     /// Keeps the mapping alive while the target is published.
     _segment: Option<Arc<ShmSegment>>,
 }
@@ -188,6 +193,13 @@ fn receive(
             // SAFETY: buf holds n bytes.
             unsafe { cma::write(pid, addr, buf.as_ptr(), n) }.map_err(|e| e.to_string())
         }
+        Loc::Device(p) => {
+            // Staged through one frame (at most one bucket), then copied up.
+            buf.resize(n, 0);
+            s.read_exact(buf).map_err(|e| e.to_string())?;
+            let dev = t.dev.as_ref().ok_or("a device target without a device engine")?;
+            dev.copy(p, buf.as_ptr() as u64, n as u64).map_err(|e| e.to_string())
+        }
     }
 }
 
@@ -246,6 +258,8 @@ struct Agent {
     pairs: BTreeMap<String, PairState>,
     batches: BTreeMap<String, BatchState>,
     segments: HashMap<String, Arc<ShmSegment>>,
+    /// Workers' GPU memory, opened once per allocation.
+    gpus: Gpus,
     copies: Vec<CopyDone>,
     copy_jobs: std::sync::mpsc::Sender<CopyJob>,
     copy_rx: std::sync::mpsc::Receiver<CopyDone>,
@@ -399,6 +413,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         pairs: BTreeMap::new(),
         batches: BTreeMap::new(),
         segments: HashMap::new(),
+        gpus: Gpus::new(cfg.gpu_streams),
         copies: Vec::new(),
         copy_jobs,
         copy_rx,
@@ -831,6 +846,9 @@ impl Agent {
     /// Checks that a worker's tensor memory exists and is large enough.
     fn check_memory(&mut self, i: usize, d: &TensorDesc) -> Result<(), String> {
         match &d.memory {
+            Memory::CudaIpc { .. } | Memory::CudaFd { .. } => {
+                self.gpus.locate(&d.memory, d.nbytes).map_err(|e| format!("tensor {i}: {e}"))?;
+            }
             Memory::Shm { name, offset } => {
                 let seg = self.map_segment(name)?;
                 if offset + d.nbytes > seg.len() as u64 {
@@ -1291,9 +1309,10 @@ impl Agent {
     fn build_exec(&mut self, batch: &str) -> Result<ExecPlan, String> {
         let reg = self.batches[batch].reg.clone();
         let bucket_size = reg.bucket_size.unwrap_or(tensorbus_planner::DEFAULT_BUCKET_SIZE);
-        let mut out = ExecPlan { buckets: Vec::new(), bucket_size, links: Vec::new() };
+        let mut out = ExecPlan { buckets: Vec::new(), bucket_size, links: Vec::new(), device: None };
         let dir = self.dir.clone();
         let segments = &mut self.segments;
+        let gpus = &mut self.gpus;
         let key = self.cfg.secret.as_deref().map_or_else(Secret::none, Secret::new);
         // TCP streams per peer node on another host (opened once per plan, i.e. per batch).
         let mut streams: HashMap<String, Vec<usize>> = HashMap::new();
@@ -1321,6 +1340,9 @@ impl Agent {
                     .and_then(|ts| ts.get(k as usize).cloned().cloned())
                     .ok_or_else(|| format!("{id} no longer holds batch {batch}"))?;
                 let l = match &d.memory {
+                    Memory::CudaIpc { .. } | Memory::CudaFd { .. } => {
+                        gpus.locate(&d.memory, d.nbytes).map_err(|e| format!("{id}: tensor {k}: {e}"))?.expect("device")
+                    }
                     Memory::Shm { name, offset } => {
                         let seg = map_segment(segments, name)?;
                         if offset + d.nbytes > seg.len() as u64 {
@@ -1424,6 +1446,7 @@ impl Agent {
                 out.buckets.push(ops);
             }
         }
+        out.device = self.gpus.engine();
         Ok(out)
     }
 
@@ -1435,6 +1458,9 @@ impl Agent {
         for (pair, d) in reg.pairs.iter().zip(&reg.tensors) {
             let k = index.entry(pair).or_default();
             let (loc, seg) = match &d.memory {
+                Memory::CudaIpc { .. } | Memory::CudaFd { .. } => {
+                    (self.gpus.locate(&d.memory, d.nbytes)?.expect("device"), None)
+                }
                 Memory::Shm { name, offset } => {
                     let seg = self.map_segment(name)?;
                     // SAFETY: the registration checked offset + nbytes against the mapping.
@@ -1442,7 +1468,8 @@ impl Agent {
                 }
                 Memory::Cma { pid, addr } => (Loc::Remote { pid: *pid, addr: *addr }, None),
             };
-            new.push((format!("{batch}\0{pair}\0{k}"), Target { loc, nbytes: d.nbytes, _segment: seg }));
+            let dev = if matches!(loc, Loc::Device(_)) { self.gpus.engine() } else { None };
+            new.push((format!("{batch}\0{pair}\0{k}"), Target { loc, nbytes: d.nbytes, dev, _segment: seg }));
             *k += 1;
         }
         self.targets.write().unwrap().extend(new);

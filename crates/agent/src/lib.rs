@@ -11,6 +11,7 @@
 mod agent;
 mod commands;
 mod directory;
+mod gpu;
 
 pub use agent::{hostname, run, AgentConfig};
 

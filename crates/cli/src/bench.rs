@@ -175,7 +175,7 @@ fn pair(name: &str, sm: &[usize], sp: &str, dm: &[usize], dp: &str) -> PairSpec 
 }
 
 fn opts(repeat: usize, check: bool) -> RunOpts {
-    RunOpts { repeat, bucket_size: None, copy_threads: 2, timeout: 120.0, progress: false, check }
+    RunOpts { repeat, bucket_size: None, copy_threads: 2, timeout: 120.0, progress: false, check, device: "cpu".into() }
 }
 
 /// `process_vm_readv` from this process into itself: the kernel's cross-memory copy rate.
@@ -310,6 +310,7 @@ pub fn suite(smoke: bool, progress: impl Fn(&str)) -> Result<Suite, String> {
         timeout: 120.0,
         json: true,
         tensors: 0,
+        device: "cpu".into(),
     };
     let model = demo::build(&a)?;
     let r = demo::execute(&model, &opts(5, true))?;
@@ -362,7 +363,7 @@ pub fn suite(smoke: bool, progress: impl Fn(&str)) -> Result<Suite, String> {
         out.epoch_rtt_ms.push((agents, r.median() * 1e3));
     }
     progress("cross-host transfer (network namespaces)");
-    match cross_host(smoke) {
+    match cross_host(smoke, "cpu") {
         Ok(rows) => out.cross_host = rows,
         Err(e) => out.cross_host_skipped = Some(e),
     }
@@ -497,7 +498,8 @@ fn raw_tcp(
 
 /// One rank to one rank across two network namespaces, for 1 and 4 TCP streams, next to raw TCP
 /// between the same namespaces.
-pub fn cross_host(smoke: bool) -> Result<Vec<CrossRow>, String> {
+/// `device`: where the workers keep their tensors (`cuda`: the staged GPU path over TCP).
+pub fn cross_host(smoke: bool, device: &str) -> Result<Vec<CrossRow>, String> {
     use std::io::BufRead;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let net = crate::netns::Netns::new("bx")?;
@@ -540,7 +542,7 @@ pub fn cross_host(smoke: bool) -> Result<Vec<CrossRow>, String> {
         }
         let pids = agents.iter().map(|c| c.id()).collect();
         let check = bytes <= 64 << 20;
-        let run = demo::run_workers(&single(bytes), &opts(5, check), &dir.0, pids);
+        let run = demo::run_workers(&single(bytes), &RunOpts { device: device.into(), ..opts(5, check) }, &dir.0, pids);
         for mut a in agents {
             let _ = a.kill();
             let _ = a.wait();
@@ -586,4 +588,80 @@ pub fn cross_markdown(rows: &[CrossRow]) -> String {
         );
     }
     m
+}
+
+/// GPU figures, each next to its limit on the same GPU in the same run: transfers of one 1 GiB
+/// tensor (IPC handles and virtual-memory pieces) and of the model-shaped batch vs a plain
+/// device-to-device copy; the staged cross-host path vs pinned host/device copies.
+#[cfg(feature = "cuda")]
+pub fn gpu(smoke: bool, progress: impl Fn(&str)) -> Result<String, String> {
+    use tensorbus_transport::cuda;
+    if !cuda::available() {
+        return Err("no CUDA device on this machine".into());
+    }
+    let gib: u64 = if smoke { 64 << 20 } else { 1 << 30 };
+    let mut md = String::from(
+        "| what | device memory | bytes | best GB/s | median GB/s | device copy GB/s | best / device copy | verified |\n|---|---|---:|---:|---:|---:|---:|---|\n",
+    );
+    let mut row = |what: &str, device: &str, plan: &Plan, check: bool| -> Result<(), String> {
+        progress(&format!("{what} ({device})"));
+        let r = demo::execute(plan, &RunOpts { device: device.into(), ..opts(5, check) })?;
+        let d2d = cuda::d2d_gbps(0, r.bytes.max(1 << 20), 5).map_err(|e| e.to_string())?;
+        md += &format!(
+            "| {what} | {device} | {} | {:.2} | {:.2} | {d2d:.2} | {:.2} | {} |\n",
+            r.bytes,
+            r.gbps(r.best()),
+            r.gbps(r.median()),
+            r.gbps(r.best()) / d2d,
+            if check {
+                if r.verified {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            } else {
+                "not checked"
+            }
+        );
+        Ok(())
+    };
+    row("one tensor, 1 rank -> 1 rank", "cuda", &single(gib), false)?;
+    row("one tensor, 1 rank -> 1 rank", "cuda-vmm", &single(gib), false)?;
+    row("one tensor, verified", "cuda", &single(64 << 20), true)?;
+    let a = crate::demo::DemoArgs {
+        src_mesh: None,
+        src_placements: None,
+        dst_mesh: None,
+        dst_placements: None,
+        dtype: "bfloat16".into(),
+        scale: if smoke { 32 } else { 4 },
+        repeat: 5,
+        bucket_size: None,
+        copy_threads: 2,
+        timeout: 120.0,
+        json: true,
+        tensors: 0,
+        device: "cuda".into(),
+    };
+    let model = demo::build(&a)?;
+    row("8B-class batch, 2x4 -> 4", "cuda", &model, true)?;
+    let (up, down) = cuda::pinned_gbps(0, gib.min(256 << 20), 5).map_err(|e| e.to_string())?;
+    md += &format!("\nPinned host -> device {up:.2} GB/s, device -> host {down:.2} GB/s.\n");
+    progress("staged cross-host GPU path (network namespaces)");
+    match cross_host(smoke, "cuda") {
+        Ok(rows) => {
+            md += "\n### GPU tensors across hosts (staged through host memory and TCP)\n\n";
+            md += &cross_markdown(&rows);
+            for r in &rows {
+                md += &format!(
+                    "\n{} stream(s): {:.2} GB/s = {:.2} of pinned device -> host copies\n",
+                    r.streams,
+                    r.best_gbps,
+                    r.best_gbps / down
+                );
+            }
+        }
+        Err(e) => md += &format!("\nCross-host GPU path not measured: {e}\n"),
+    }
+    Ok(md)
 }

@@ -51,6 +51,10 @@ pub struct DemoArgs {
     /// Use only the first N tensors of the workload (0 = all).
     #[arg(long, default_value_t = 0)]
     pub tensors: usize,
+    /// Where the workers keep their shards: cpu (shared memory), cuda (cuMemAlloc, CUDA IPC) or
+    /// cuda-vmm (virtual-memory pieces as PyTorch's expandable segments, shared by fd).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Serialize)]
@@ -72,6 +76,10 @@ struct DemoResult {
     agent_peak_anon_bytes: u64,
     verified: bool,
     mismatches: u64,
+    device: String,
+    /// GPU runs: a plain device-to-device copy on the same GPU, and the ratio to it.
+    d2d_gbps: Option<f64>,
+    ratio_to_d2d: Option<f64>,
 }
 
 fn layout_flag(mesh: &str, placements: &str) -> Result<Layout, String> {
@@ -105,6 +113,8 @@ pub struct RunOpts {
     /// Fill sources with the test pattern and verify every received element (else only touch the
     /// memory, for large benchmark tensors).
     pub check: bool,
+    /// Where workers keep their shards (`cpu`, `cuda`, `cuda-vmm`).
+    pub device: String,
 }
 
 /// What a run measured.
@@ -289,6 +299,7 @@ pub fn run_workers(plan: &Plan, opts: &RunOpts, dir: &std::path::Path, agent_pid
                 repeat,
                 timeout_s: opts.timeout,
                 check: opts.check,
+                device: opts.device.clone(),
             };
             let mut child = Command::new(&exe)
                 .args(["worker", "--spec", &serde_json::to_string(&spec).expect("encodes")])
@@ -368,6 +379,9 @@ pub fn run_workers(plan: &Plan, opts: &RunOpts, dir: &std::path::Path, agent_pid
 static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 pub fn run(a: &DemoArgs) -> Result<bool, String> {
+    if !["cpu", "cuda", "cuda-vmm"].contains(&a.device.as_str()) {
+        return Err(format!("unknown device {:?} (cpu, cuda, cuda-vmm)", a.device));
+    }
     let plan = build(a)?;
     let (src_layout, dst_layout) = plan.pairs[0].layouts()?;
     let opts = RunOpts {
@@ -377,8 +391,10 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
         timeout: a.timeout,
         progress: !a.json,
         check: true,
+        device: a.device.clone(),
     };
     let r = execute(&plan, &opts)?;
+    let d2d = if a.device == "cpu" { None } else { Some(d2d_gbps(r.bytes)?) };
     let probe = (r.bytes as usize).clamp(16 << 20, 256 << 20);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let m1 = tensorbus_transport::exec::memcpy_gbps(probe, 1, 3);
@@ -401,6 +417,9 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
         agent_peak_anon_bytes: r.agent_peak_anon_bytes,
         verified: r.verified,
         mismatches: r.mismatches,
+        device: a.device.clone(),
+        d2d_gbps: d2d,
+        ratio_to_d2d: d2d.map(|d| r.gbps(r.best()) / d),
     };
     if a.json {
         println!("{}", serde_json::to_string(&res).expect("encodes"));
@@ -424,8 +443,23 @@ pub fn run(a: &DemoArgs) -> Result<bool, String> {
             res.ratio_to_memcpy_1thread,
             if r.verified { "yes, every element".to_string() } else { format!("NO: {} elements differ", r.mismatches) }
         );
+        if let (Some(d), Some(ratio)) = (res.d2d_gbps, res.ratio_to_d2d) {
+            println!();
+            println!("GPU ({}): device-to-device copy {d:.2} GB/s; best / device copy {ratio:.2}", a.device);
+        }
     }
     Ok(r.verified)
+}
+
+/// A plain device-to-device copy of `bytes` on GPU 0 (the limit GPU transfers are compared with).
+#[cfg(feature = "cuda")]
+pub fn d2d_gbps(bytes: u64) -> Result<f64, String> {
+    tensorbus_transport::cuda::d2d_gbps(0, bytes.max(1 << 20), 5).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn d2d_gbps(_bytes: u64) -> Result<f64, String> {
+    Err("this build has no GPU support (the `cuda` feature)".into())
 }
 
 pub struct RemoveDir(pub std::path::PathBuf);

@@ -131,6 +131,9 @@ struct AgentArgs {
     checksum: bool,
     #[arg(long, default_value_t = 2)]
     copy_threads: usize,
+    /// CUDA streams per GPU for device-memory copies (feature `cuda`).
+    #[arg(long, default_value_t = 4)]
+    gpu_streams: usize,
     #[arg(long, default_value_t = 1024)]
     queue_capacity: u64,
 }
@@ -178,6 +181,14 @@ enum BenchWhat {
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
     },
+    /// GPU transfers vs a device-to-device copy, and the staged cross-host GPU path (needs CUDA).
+    Gpu {
+        #[arg(long)]
+        smoke: bool,
+        /// File to write the Markdown table to.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Command round trip (enqueue → agent → result → semaphore) on one live agent.
     Rtt {
         /// Round trips timed (median and p99 are reported).
@@ -193,6 +204,21 @@ enum BenchWhat {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_bench(smoke: bool, out: Option<PathBuf>) -> Result<(), String> {
+    let md = bench::gpu(smoke, |m| eprintln!("bench: {m}"))?;
+    print!("{md}");
+    match out {
+        Some(p) => std::fs::write(&p, md).map_err(|e| format!("writing {}: {e}", p.display())),
+        None => Ok(()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_bench(_smoke: bool, _out: Option<PathBuf>) -> Result<(), String> {
+    Err("this build has no GPU support (the `cuda` feature)".into())
 }
 
 fn stop_flag() -> Arc<AtomicBool> {
@@ -247,6 +273,7 @@ fn run_agent(a: AgentArgs) -> Result<(), String> {
         data_streams: a.data_streams.max(1),
         checksum: a.checksum,
         copy_threads: a.copy_threads.max(1),
+        gpu_streams: a.gpu_streams.max(1),
         queue_capacity: a.queue_capacity.max(1),
         join_timeout: Duration::from_secs(5),
     };
@@ -352,9 +379,10 @@ fn main() -> ExitCode {
         Cmd::Bench { what: BenchWhat::TcpSource { to, streams, bytes, whole } } => {
             netns::tcp_source(&to, streams.max(1), bytes, whole)
         }
-        Cmd::Bench { what: BenchWhat::CrossHost { smoke } } => bench::cross_host(smoke).map(|rows| {
+        Cmd::Bench { what: BenchWhat::CrossHost { smoke } } => bench::cross_host(smoke, "cpu").map(|rows| {
             print!("{}", bench::cross_markdown(&rows));
         }),
+        Cmd::Bench { what: BenchWhat::Gpu { smoke, out } } => gpu_bench(smoke, out),
         Cmd::Bench { what: BenchWhat::Rtt { iters } } => bench::command_rtt(iters.max(1)).map(|(med, p99)| {
             println!("command round trip over {iters}: median {med:.1} us, p99 {p99:.1} us");
         }),

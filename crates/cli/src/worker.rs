@@ -58,6 +58,97 @@ pub struct WorkerSpec {
     /// Fill and verify with the test pattern (else only touch the memory).
     #[serde(default = "yes")]
     pub check: bool,
+    /// Where the shards live: `cpu` (shared memory), `cuda` (one `cuMemAlloc` allocation, shared
+    /// by IPC handle) or `cuda-vmm` (virtual-memory pieces, shared by file descriptor).
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
+/// The worker's shards: a shared-memory segment, or GPU memory with a host copy to fill and
+/// check it through.
+enum Shards {
+    Shm(ShmSegment),
+    #[cfg(feature = "cuda")]
+    Gpu(tensorbus_transport::cuda::DeviceBuffer, Vec<u8>),
+}
+
+impl Shards {
+    fn new(device: &str, name: &str, total: u64) -> Result<Self, String> {
+        match device {
+            "cpu" => ShmSegment::recreate(name, total.max(1) as usize).map(Shards::Shm).map_err(|e| e.to_string()),
+            #[cfg(feature = "cuda")]
+            "cuda" | "cuda-vmm" => {
+                // Pieces of 2 MiB: a tensor can span several, as in PyTorch's expandable segments.
+                let piece = (device == "cuda-vmm").then_some(2 << 20);
+                let d = tensorbus_transport::cuda::DeviceBuffer::alloc(0, total, piece).map_err(|e| e.to_string())?;
+                Ok(Shards::Gpu(d, vec![0u8; total as usize]))
+            }
+            #[cfg(not(feature = "cuda"))]
+            "cuda" | "cuda-vmm" => Err("this build has no GPU support (the `cuda` feature)".into()),
+            other => Err(format!("unknown device {other:?} (cpu, cuda, cuda-vmm)")),
+        }
+    }
+
+    /// The host bytes to fill or check.
+    ///
+    /// # Safety
+    /// No transfer may run meanwhile.
+    unsafe fn bytes(&mut self) -> &mut [u8] {
+        match self {
+            // SAFETY: upheld by the caller.
+            Shards::Shm(seg) => unsafe { seg.as_mut_slice() },
+            #[cfg(feature = "cuda")]
+            Shards::Gpu(_, host) => host,
+        }
+    }
+
+    /// Host bytes to the device (after filling).
+    fn upload(&mut self) -> Result<(), String> {
+        match self {
+            Shards::Shm(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            Shards::Gpu(d, host) => d.write(0, host).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Device bytes to the host (before checking).
+    fn download(&mut self) -> Result<(), String> {
+        match self {
+            Shards::Shm(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            Shards::Gpu(d, host) => d.read(0, host).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// How an agent reaches `nbytes` at `offset`, and the descriptor's device string.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn memory(&self, name: &str, offset: u64, nbytes: u64) -> Result<(Memory, String), String> {
+        match self {
+            Shards::Shm(_) => Ok((Memory::Shm { name: name.to_string(), offset }, "cpu".into())),
+            #[cfg(feature = "cuda")]
+            Shards::Gpu(d, _) => {
+                use tensorbus_protocol::payload::CudaPiece;
+                use tensorbus_transport::cuda::{share, Shared};
+                let m = match share(d.ptr() + offset, nbytes).map_err(|e| e.to_string())? {
+                    Shared::Ipc { device, handle, alloc_size, offset } => {
+                        Memory::CudaIpc { device, handle: handle.to_vec(), alloc_size, offset }
+                    }
+                    Shared::Fds { device, pieces, offset } => Memory::CudaFd {
+                        device,
+                        pid: std::process::id(),
+                        pieces: pieces.into_iter().map(|(fd, size)| CudaPiece { fd, size }).collect(),
+                        offset,
+                    },
+                };
+                let dev = format!("cuda:{}", m.cuda_device().unwrap_or(0));
+                Ok((m, dev))
+            }
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -153,7 +244,7 @@ fn work(spec: &WorkerSpec, base: &Report) -> Result<(), String> {
         locals.push((local, nbytes, dtype));
     }
     let seg_name = format!("/tb-{}-{}-{}", std::process::id(), spec.side, spec.rank);
-    let seg = ShmSegment::recreate(&seg_name, total.max(1) as usize).map_err(|e| e.to_string())?;
+    let mut shards = Shards::new(&spec.device, &seg_name, total)?;
     // The agents map the segment by name; the name is removed when this worker exits.
     struct Unlink(String);
     impl Drop for Unlink {
@@ -162,41 +253,40 @@ fn work(spec: &WorkerSpec, base: &Report) -> Result<(), String> {
         }
     }
     let _unlink = Unlink(seg_name.clone());
-    if !spec.check {
-        // Touch every page so that transfers are not timed with page faults.
-        // SAFETY: the segment is ours and no transfer runs yet.
-        unsafe { seg.as_mut_slice().fill(1) };
-    } else if is_src {
-        for (i, t) in spec.tensors.iter().enumerate() {
-            let (local, nbytes, dtype) = &locals[i];
-            let _ = local;
-            // SAFETY: the segment is ours and no transfer runs yet.
-            let buf = unsafe { &mut seg.as_mut_slice()[offsets[i] as usize..(offsets[i] + nbytes) as usize] };
-            pattern::fill(&layouts[t.pair].0, &t.shape, *dtype, i as u64, spec.rank, buf);
+    {
+        // SAFETY: the shards are ours and no transfer runs yet.
+        let all = unsafe { shards.bytes() };
+        if !spec.check {
+            // Touch every page so that transfers are not timed with page faults.
+            all.fill(1);
+        } else if is_src {
+            for (i, t) in spec.tensors.iter().enumerate() {
+                let (_, nbytes, dtype) = &locals[i];
+                let buf = &mut all[offsets[i] as usize..(offsets[i] + nbytes) as usize];
+                pattern::fill(&layouts[t.pair].0, &t.shape, *dtype, i as u64, spec.rank, buf);
+            }
         }
     }
-    let descs: Vec<(TensorDesc, &str)> = spec
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let (local, nbytes, dtype) = &locals[i];
-            (
-                TensorDesc {
-                    version: PAYLOAD_VERSION,
-                    name: Some(t.name.clone()),
-                    dtype: dtype.name().into(),
-                    shape: local.clone(),
-                    strides: tensorbus_planner::contiguous_strides(local),
-                    device: "cpu".into(),
-                    memory: Memory::Shm { name: seg_name.clone(), offset: offsets[i] },
-                    nbytes: *nbytes,
-                    pid: None,
-                },
-                spec.pairs[t.pair].name.as_str(),
-            )
-        })
-        .collect();
+    shards.upload()?;
+    let mut descs: Vec<(TensorDesc, &str)> = Vec::with_capacity(spec.tensors.len());
+    for (i, t) in spec.tensors.iter().enumerate() {
+        let (local, nbytes, dtype) = &locals[i];
+        let (memory, device) = shards.memory(&seg_name, offsets[i], *nbytes)?;
+        descs.push((
+            TensorDesc {
+                version: PAYLOAD_VERSION,
+                name: Some(t.name.clone()),
+                dtype: dtype.name().into(),
+                shape: local.clone(),
+                strides: tensorbus_planner::contiguous_strides(local),
+                device,
+                memory,
+                nbytes: *nbytes,
+                pid: None,
+            },
+            spec.pairs[t.pair].name.as_str(),
+        ));
+    }
     let batch =
         client.register_tensors(&spec.batch_id, &descs, spec.bucket_size, timeout).map_err(|e| e.to_string())?;
     let bytes: u64 = locals.iter().map(|l| l.1).sum();
@@ -216,10 +306,12 @@ fn work(spec: &WorkerSpec, base: &Report) -> Result<(), String> {
     }
     let (mut verified, mut mismatches) = (None, 0);
     if !is_src && spec.check {
+        shards.download()?;
+        // SAFETY: the transfer is over; nobody writes the shards now.
+        let all = unsafe { shards.bytes() };
         for (i, t) in spec.tensors.iter().enumerate() {
             let (_, nbytes, dtype) = &locals[i];
-            // SAFETY: the transfer is over; nobody writes the segment now.
-            let buf = unsafe { &seg.as_slice()[offsets[i] as usize..(offsets[i] + nbytes) as usize] };
+            let buf = &all[offsets[i] as usize..(offsets[i] + nbytes) as usize];
             let (src, dst) = &layouts[t.pair];
             mismatches += pattern::mismatches(src, dst, &t.shape, *dtype, i as u64, spec.rank, buf);
         }

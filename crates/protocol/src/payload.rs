@@ -92,6 +92,38 @@ pub enum Memory {
     Shm { name: String, offset: u64 },
     /// The worker's own address space: read or written with cross-memory attach.
     Cma { pid: u32, addr: u64 },
+    /// CUDA memory from `cuMemAlloc` (PyTorch's default allocator): the 64-byte legacy IPC handle
+    /// of the allocation (`cuIpcGetMemHandle` of its base), `alloc_size` bytes long, the tensor
+    /// `offset` bytes into it. Agents open each handle once and keep it open.
+    CudaIpc {
+        device: u32,
+        #[serde(with = "serde_bytes")]
+        handle: Vec<u8>,
+        alloc_size: u64,
+        offset: u64,
+    },
+    /// CUDA memory from the virtual-memory API (`cuMemCreate`: PyTorch's expandable segments):
+    /// the physical allocations under the tensor, in address order, each exported as a POSIX file
+    /// descriptor (`fd` in process `pid`, which the agent takes with `pidfd_getfd`) of `size`
+    /// bytes; mapped back to back, the tensor starts `offset` bytes into the first.
+    CudaFd { device: u32, pid: u32, pieces: Vec<CudaPiece>, offset: u64 },
+}
+
+/// One physical allocation of a [`Memory::CudaFd`] tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaPiece {
+    pub fd: i32,
+    pub size: u64,
+}
+
+impl Memory {
+    /// The CUDA device the memory is on, if it is device memory.
+    pub fn cuda_device(&self) -> Option<u32> {
+        match self {
+            Memory::CudaIpc { device, .. } | Memory::CudaFd { device, .. } => Some(*device),
+            Memory::Shm { .. } | Memory::Cma { .. } => None,
+        }
+    }
 }
 
 /// `tensor_payload`: a worker's local shard.
@@ -162,5 +194,51 @@ impl TensorDesc {
             )));
         }
         Ok(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(memory: Memory) -> TensorDesc {
+        TensorDesc {
+            version: PAYLOAD_VERSION,
+            name: Some("w".into()),
+            dtype: "bfloat16".into(),
+            shape: vec![4, 8],
+            strides: vec![8, 1],
+            device: "cuda:0".into(),
+            memory,
+            nbytes: 64,
+            pid: Some(7),
+        }
+    }
+
+    #[test]
+    fn gpu_memory_descriptors_round_trip() {
+        for m in [
+            Memory::CudaIpc { device: 1, handle: (0..64).collect(), alloc_size: 2 << 20, offset: 512 },
+            Memory::CudaFd {
+                device: 0,
+                pid: 42,
+                pieces: vec![CudaPiece { fd: 9, size: 2 << 20 }, CudaPiece { fd: 10, size: 2 << 20 }],
+                offset: 4096,
+            },
+        ] {
+            let d = desc(m.clone());
+            let back = TensorDesc::decode(&d.encode()).expect("decodes");
+            assert_eq!(back, d);
+            assert!(back.memory.cuda_device().is_some());
+        }
+        assert_eq!(Memory::Shm { name: "/s".into(), offset: 0 }.cuda_device(), None);
+    }
+
+    #[test]
+    fn the_ipc_handle_travels_as_msgpack_bytes() {
+        let d = desc(Memory::CudaIpc { device: 0, handle: vec![0xab; 64], alloc_size: 64, offset: 0 });
+        let b = d.encode();
+        // bin 8 with 64 bytes (not an array of 64 integers).
+        assert!(b.windows(3).any(|w| w == [0xc4, 64, 0xab]), "{b:x?}");
     }
 }

@@ -163,15 +163,16 @@ impl Client {
         .map_err(|e| to_py(py, e))
     }
 
-    /// `tensors`: `(pair_name, dtype, shape, strides_in_elements, address, nbytes, name)` of local
-    /// shards in this process's memory.
+    /// `tensors`: `(pair_name, dtype, shape, strides_in_elements, address, nbytes, name, device)`
+    /// of local shards in this process's memory; `device` is `cpu`, or `cuda[:N]` for GPU memory
+    /// (shared with the agent by CUDA IPC handle or, for virtual-memory allocations, by fd).
     #[allow(clippy::type_complexity)]
     #[pyo3(signature = (batch_id, tensors, bucket_size, timeout))]
     fn register_tensors(
         &self,
         py: Python<'_>,
         batch_id: &str,
-        tensors: Vec<(String, String, Vec<u64>, Vec<u64>, u64, u64, Option<String>)>,
+        tensors: Vec<(String, String, Vec<u64>, Vec<u64>, u64, u64, Option<String>, String)>,
         bucket_size: Option<u64>,
         timeout: f64,
     ) -> PyResult<()> {
@@ -179,23 +180,28 @@ impl Client {
         let pid = std::process::id();
         let descs: Vec<(TensorDesc, String)> = tensors
             .into_iter()
-            .map(|(pair, dtype, shape, strides, addr, nbytes, name)| {
-                (
+            .map(|(pair, dtype, shape, strides, addr, nbytes, name, device)| {
+                let (memory, device) = if device.starts_with("cuda") {
+                    gpu_memory(addr, nbytes, pid)?
+                } else {
+                    (Memory::Cma { pid, addr }, "cpu".into())
+                };
+                Ok((
                     TensorDesc {
                         version: PAYLOAD_VERSION,
                         name,
                         dtype,
                         shape,
                         strides,
-                        device: "cpu".into(),
-                        memory: Memory::Cma { pid, addr },
+                        device,
+                        memory,
                         nbytes,
                         pid: Some(pid),
                     },
                     pair,
-                )
+                ))
             })
-            .collect();
+            .collect::<PyResult<_>>()?;
         let refs: Vec<(TensorDesc, &str)> = descs.iter().map(|(d, p)| (d.clone(), p.as_str())).collect();
         py.detach(|| self.inner.register_tensors(batch_id, &refs, bucket_size, t)).map(|_| ()).map_err(|e| to_py(py, e))
     }
@@ -226,6 +232,31 @@ impl Client {
         let t = secs(timeout)?;
         py.detach(|| self.inner.cleanup_batch(batch_id, t)).map_err(|e| to_py(py, e))
     }
+}
+
+/// How the agent reaches GPU memory at `addr`, and the descriptor's device string.
+#[cfg(feature = "cuda")]
+fn gpu_memory(addr: u64, nbytes: u64, pid: u32) -> PyResult<(Memory, String)> {
+    use tensorbus_protocol::payload::CudaPiece;
+    use tensorbus_transport::cuda::{share, Shared};
+    let m = match share(addr, nbytes).map_err(|e| PyValueError::new_err(e.to_string()))? {
+        Shared::Ipc { device, handle, alloc_size, offset } => {
+            Memory::CudaIpc { device, handle: handle.to_vec(), alloc_size, offset }
+        }
+        Shared::Fds { device, pieces, offset } => Memory::CudaFd {
+            device,
+            pid,
+            pieces: pieces.into_iter().map(|(fd, size)| CudaPiece { fd, size }).collect(),
+            offset,
+        },
+    };
+    let device = format!("cuda:{}", m.cuda_device().unwrap_or(0));
+    Ok((m, device))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory(_addr: u64, _nbytes: u64, _pid: u32) -> PyResult<(Memory, String)> {
+    Err(PyValueError::new_err("this build of tensorbus has no GPU support (the `cuda` feature)"))
 }
 
 #[pyfunction]

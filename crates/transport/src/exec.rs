@@ -19,6 +19,19 @@ pub enum Loc {
     Local(*mut u8),
     /// In another process, reached with cross-memory attach.
     Remote { pid: u32, addr: u64 },
+    /// GPU memory imported into this process (a unified device address), moved by the plan's
+    /// [`DeviceEngine`].
+    Device(u64),
+}
+
+/// Copies that involve GPU memory (the `cuda` feature provides one: [`crate::cuda::Gpu`]).
+pub trait DeviceEngine: Send + Sync {
+    /// Queues a copy between two unified addresses (device or host) on one of its streams.
+    fn copy_async(&self, dst: u64, src: u64, len: u64) -> Result<(), TransportError>;
+    /// Copies at once (staging between host buffers and device memory).
+    fn copy(&self, dst: u64, src: u64, len: u64) -> Result<(), TransportError>;
+    /// Waits for every queued copy.
+    fn sync(&self) -> Result<(), TransportError>;
 }
 
 // SAFETY: Loc is an address; the protocol guarantees exclusive access while a transfer runs.
@@ -31,6 +44,7 @@ impl Loc {
             // SAFETY: callers offset within a registered, bounds-checked region.
             Loc::Local(p) => Loc::Local(unsafe { p.add(by as usize) }),
             Loc::Remote { pid, addr } => Loc::Remote { pid, addr: addr + by },
+            Loc::Device(p) => Loc::Device(p + by),
         }
     }
 }
@@ -78,6 +92,27 @@ pub struct ExecPlan {
     pub bucket_size: u64,
     /// Authenticated TCP streams to agents on other hosts (several per peer).
     pub links: Vec<std::sync::Mutex<std::net::TcpStream>>,
+    /// Moves the plan's [`Loc::Device`] bytes (required when it has any).
+    pub device: Option<std::sync::Arc<dyn DeviceEngine>>,
+}
+
+impl std::fmt::Debug for dyn DeviceEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceEngine")
+    }
+}
+
+/// What every operation of one execution shares.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    piece: usize,
+    links: &'a [std::sync::Mutex<std::net::TcpStream>],
+    epoch: u64,
+    dev: Option<&'a dyn DeviceEngine>,
+}
+
+fn engine(dev: Option<&dyn DeviceEngine>) -> Result<&dyn DeviceEngine, TransportError> {
+    dev.ok_or_else(|| TransportError::Cuda("GPU memory in a plan without a device engine".into()))
 }
 
 impl ExecPlan {
@@ -98,8 +133,9 @@ impl ExecPlan {
 ///
 /// # Safety
 /// `dst` valid for `len` writes; a Local `loc` valid for `len` reads.
-unsafe fn read_into(loc: Loc, dst: *mut u8, len: usize) -> Result<(), TransportError> {
+unsafe fn read_into(dev: Option<&dyn DeviceEngine>, loc: Loc, dst: *mut u8, len: usize) -> Result<(), TransportError> {
     match loc {
+        Loc::Device(p) => engine(dev)?.copy(dst as u64, p, len as u64),
         Loc::Local(p) => {
             std::ptr::copy_nonoverlapping(p, dst, len);
             Ok(())
@@ -112,8 +148,14 @@ unsafe fn read_into(loc: Loc, dst: *mut u8, len: usize) -> Result<(), TransportE
 ///
 /// # Safety
 /// `src` valid for `len` reads; a Local `loc` valid for `len` writes.
-unsafe fn write_from(loc: Loc, src: *const u8, len: usize) -> Result<(), TransportError> {
+unsafe fn write_from(
+    dev: Option<&dyn DeviceEngine>,
+    loc: Loc,
+    src: *const u8,
+    len: usize,
+) -> Result<(), TransportError> {
     match loc {
+        Loc::Device(p) => engine(dev)?.copy(p, src as u64, len as u64),
         Loc::Local(p) => {
             std::ptr::copy_nonoverlapping(src, p, len);
             Ok(())
@@ -144,6 +186,7 @@ impl Scratch {
 /// # Safety
 /// Every Local location in `srcs` is valid for `len` bytes.
 unsafe fn reduce_staged<'a>(
+    dev: Option<&dyn DeviceEngine>,
     srcs: &[Loc],
     len: usize,
     dtype: DType,
@@ -156,7 +199,7 @@ unsafe fn reduce_staged<'a>(
             Loc::Local(p) => staged.push(p),
             r => {
                 let buf = scratch.get(1 + i, len);
-                read_into(r, buf, len)?;
+                read_into(dev, r, buf, len)?;
                 staged.push(buf);
             }
         }
@@ -169,17 +212,12 @@ unsafe fn reduce_staged<'a>(
 
 /// # Safety
 /// Every Local location of `op` is valid for its length.
-unsafe fn run_op(
-    op: &Op,
-    scratch: &mut Scratch,
-    piece: usize,
-    links: &[std::sync::Mutex<std::net::TcpStream>],
-    epoch: u64,
-) -> Result<(), TransportError> {
+unsafe fn run_op(op: &Op, scratch: &mut Scratch, cx: Ctx<'_>) -> Result<(), TransportError> {
+    let Ctx { piece, links, epoch, dev } = cx;
     match op {
         Op::ReduceSend { link, key, offset, srcs, len, dtype, op } => {
             use std::io::Write;
-            let buf = reduce_staged(srcs, *len as usize, *dtype, *op, scratch)?;
+            let buf = reduce_staged(dev, srcs, *len as usize, *dtype, *op, scratch)?;
             let mut s = links[*link].lock().unwrap();
             s.write_all(&crate::tcp::frame_header(epoch, key, *offset, *len))
                 .and_then(|_| s.write_all(buf))
@@ -192,8 +230,9 @@ unsafe fn run_op(
                 // Straight from the mapped worker memory into the socket.
                 Loc::Local(p) => std::slice::from_raw_parts(p, len_us),
                 r => {
+                    // At most one bucket staged (device memory: copied down first).
                     let buf = scratch.get(0, len_us);
-                    read_into(r, buf, len_us)?;
+                    read_into(dev, r, buf, len_us)?;
                     std::slice::from_raw_parts(buf, len_us)
                 }
             };
@@ -203,16 +242,20 @@ unsafe fn run_op(
                 .map_err(|e| TransportError::Io { what: format!("sending {len} bytes of {key:?}"), source: e })
         }
         Op::Copy { src, dst, len } => match (*src, *dst) {
-            (Loc::Local(s), d) => write_from(d, s, *len as usize),
-            (s, Loc::Local(d)) => read_into(s, d, *len as usize),
+            // Device to device, or between device and mapped host memory: queued on a stream.
+            (Loc::Device(s), Loc::Device(d)) => engine(dev)?.copy_async(d, s, *len),
+            (Loc::Device(s), Loc::Local(d)) => engine(dev)?.copy_async(d as u64, s, *len),
+            (Loc::Local(s), Loc::Device(d)) => engine(dev)?.copy_async(d, s as u64, *len),
+            (Loc::Local(s), d) => write_from(dev, d, s, *len as usize),
+            (s, Loc::Local(d)) => read_into(dev, s, d, *len as usize),
             (s, d) => {
                 // Remote to remote: stage through one buffer.
                 let mut done = 0u64;
                 while done < *len {
                     let n = (*len - done).min(piece as u64) as usize;
                     let buf = scratch.get(0, n);
-                    read_into(s.offset(done), buf, n)?;
-                    write_from(d.offset(done), buf, n)?;
+                    read_into(dev, s.offset(done), buf, n)?;
+                    write_from(dev, d.offset(done), buf, n)?;
                     done += n as u64;
                 }
                 Ok(())
@@ -231,7 +274,7 @@ unsafe fn run_op(
                         Loc::Local(p) => staged.push(p),
                         r => {
                             let buf = scratch.get(1 + i, n);
-                            read_into(r, buf, n)?;
+                            read_into(dev, r, buf, n)?;
                             staged.push(buf);
                         }
                     }
@@ -244,7 +287,7 @@ unsafe fn run_op(
                     r => {
                         let buf = scratch.get(0, n);
                         reduce::reduce(*dtype, *op, std::slice::from_raw_parts_mut(buf, n), &inputs)?;
-                        write_from(r, buf, n)?;
+                        write_from(dev, r, buf, n)?;
                     }
                 }
                 done += n as u64;
@@ -260,13 +303,17 @@ unsafe fn run_op(
 ///
 /// # Safety
 /// As for [`run_op`].
-unsafe fn digest(op: &Op, scratch: &mut Scratch) -> Result<u64, TransportError> {
+unsafe fn digest(op: &Op, scratch: &mut Scratch, dev: Option<&dyn DeviceEngine>) -> Result<u64, TransportError> {
+    if let Some(d) = dev {
+        // Copies to device memory are queued: let them land before reading.
+        d.sync()?;
+    }
     let (loc, len) = match op {
         Op::Copy { src, dst, len } => (if matches!(dst, Loc::Local(_)) { *dst } else { *src }, *len),
         Op::Reduce { dst, len, .. } => (*dst, *len),
         Op::Send { src, len, .. } => (*src, *len),
         Op::ReduceSend { srcs, len, dtype, op, .. } => {
-            let h = blake3::hash(reduce_staged(srcs, *len as usize, *dtype, *op, scratch)?);
+            let h = blake3::hash(reduce_staged(dev, srcs, *len as usize, *dtype, *op, scratch)?);
             return Ok(u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")));
         }
     };
@@ -275,7 +322,7 @@ unsafe fn digest(op: &Op, scratch: &mut Scratch) -> Result<u64, TransportError> 
         Loc::Local(p) => std::slice::from_raw_parts(p, n),
         r => {
             let buf = scratch.get(0, n);
-            read_into(r, buf, n)?;
+            read_into(dev, r, buf, n)?;
             std::slice::from_raw_parts(buf, n)
         }
     };
@@ -295,22 +342,43 @@ pub unsafe fn execute(
     epoch: u64,
     checksum: bool,
 ) -> Result<(u64, u64), TransportError> {
+    let piece = plan.bucket_size.clamp(1, 64 << 20) as usize;
+    let threads = threads.clamp(1, plan.buckets.len().max(1));
+    let cx = Ctx { piece, links: &plan.links, epoch, dev: plan.device.as_deref() };
+    // SAFETY: upheld by our caller.
+    let result = unsafe { run_buckets(plan, threads, cx, checksum) };
+    // Queued device copies must land before the epoch counts as done, error or not.
+    let synced = match cx.dev {
+        Some(d) => d.sync(),
+        None => Ok(()),
+    };
+    let (bytes, sum) = result?;
+    synced?;
+    Ok((bytes, sum))
+}
+
+/// # Safety
+/// As for [`execute`].
+unsafe fn run_buckets(
+    plan: &ExecPlan,
+    threads: usize,
+    cx: Ctx<'_>,
+    checksum: bool,
+) -> Result<(u64, u64), TransportError> {
     let sum = std::sync::atomic::AtomicU64::new(0);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<TransportError>> = Mutex::new(None);
-    let piece = plan.bucket_size.clamp(1, 64 << 20) as usize;
-    let threads = threads.clamp(1, plan.buckets.len().max(1));
     if threads == 1 {
         // One bucket or one thread: no thread to start.
         let mut scratch = Scratch { bufs: Vec::new() };
         let mut total = 0u64;
         for op in plan.buckets.iter().flatten() {
             // SAFETY: upheld by the caller of execute.
-            unsafe { run_op(op, &mut scratch, piece, &plan.links, epoch) }?;
+            unsafe { run_op(op, &mut scratch, cx) }?;
             if checksum {
                 // SAFETY: as above.
-                total = total.wrapping_add(unsafe { digest(op, &mut scratch) }?);
+                total = total.wrapping_add(unsafe { digest(op, &mut scratch, cx.dev) }?);
             }
         }
         return Ok((plan.bytes(), total));
@@ -327,9 +395,9 @@ pub unsafe fn execute(
                     let Some(bucket) = plan.buckets.get(i) else { return };
                     for op in bucket {
                         // SAFETY: upheld by the caller of execute.
-                        let r = unsafe { run_op(op, &mut scratch, piece, &plan.links, epoch) }.and_then(|_| {
+                        let r = unsafe { run_op(op, &mut scratch, cx) }.and_then(|_| {
                             // SAFETY: as above.
-                            let d = if checksum { unsafe { digest(op, &mut scratch) }? } else { 0 };
+                            let d = if checksum { unsafe { digest(op, &mut scratch, cx.dev) }? } else { 0 };
                             sum.fetch_add(d, Ordering::Relaxed); // wraps
                             Ok(())
                         });
@@ -402,6 +470,7 @@ mod tests {
                 .collect(),
             bucket_size: 4096,
             links: Vec::new(),
+            device: None,
         };
         let p = plan(&mut dst);
         // SAFETY: every location is inside src or dst, alive for the calls.
@@ -421,6 +490,7 @@ mod tests {
             }]],
             bucket_size: 65536,
             links: Vec::new(),
+            device: None,
         };
         // SAFETY: as above.
         let (_, c) = unsafe { execute(&p2, 1, 0, true) }.unwrap();

@@ -3,9 +3,12 @@
 //! The data plane on one host: worker memory the agent can reach ([`shm`] segments mapped by name,
 //! or another process's memory through cross-memory attach, [`cma`]), reductions of partial values
 //! ([`reduce`]), the parallel executor of a rank's share of a batch plan ([`exec`]), and the
-//! authenticated TCP links between agents on different hosts ([`tcp`]).
+//! authenticated TCP links between agents on different hosts ([`tcp`]). With the `cuda` feature,
+//! GPU memory too ([`cuda`]): CUDA IPC handoff and copies on the device's copy engines.
 
 pub mod cma;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod exec;
 pub mod reduce;
 pub mod shm;
@@ -24,4 +27,6 @@ pub enum TransportError {
     Unsupported(String),
     #[error("refused: {0}")]
     Refused(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
