@@ -194,11 +194,16 @@ fn receive(
             unsafe { cma::write(pid, addr, buf.as_ptr(), n) }.map_err(|e| e.to_string())
         }
         Loc::Device(p) => {
-            // Staged through one frame (at most one bucket), then copied up.
-            buf.resize(n, 0);
-            s.read_exact(buf).map_err(|e| e.to_string())?;
+            // Staged through one pinned buffer (at most a bucket: one frame), then copied up.
             let dev = t.dev.as_ref().ok_or("a device target without a device engine")?;
-            dev.copy(p, buf.as_ptr() as u64, n as u64).map_err(|e| e.to_string())
+            let st = dev.take_staging(n).map_err(|e| e.to_string())?;
+            // SAFETY: the staging buffer holds at least n bytes and is ours until given back.
+            let r = s
+                .read_exact(unsafe { std::slice::from_raw_parts_mut(st.ptr, n) })
+                .map_err(|e| e.to_string())
+                .and_then(|_| dev.copy(p, st.ptr as u64, n as u64).map_err(|e| e.to_string()));
+            dev.give_staging(st);
+            r
         }
     }
 }

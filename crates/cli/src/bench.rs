@@ -316,35 +316,8 @@ pub fn suite(smoke: bool, progress: impl Fn(&str)) -> Result<Suite, String> {
     let r = demo::execute(&model, &opts(5, true))?;
     out.model = Some(size_row(&r, (r.bytes as usize).clamp(16 << 20, 256 << 20), true));
 
-    let configs: [(&[usize], &[usize]); 8] = [
-        (&[2, 2, 2, 1], &[1, 1, 4, 2]),
-        (&[8, 1, 1, 1], &[1, 2, 2, 2]),
-        (&[1, 2, 4, 1], &[8, 1, 1, 1]),
-        (&[2, 4, 1, 1], &[1, 2, 4, 1]),
-        (&[4, 1, 1, 2], &[2, 1, 1, 4]),
-        (&[4, 1, 2, 1], &[1, 1, 1, 8]),
-        (&[4, 2, 1, 1], &[1, 1, 2, 4]),
-        (&[1, 1, 4, 2], &[4, 2, 1, 1]),
-    ];
     let (n, side) = if smoke { (2, 64) } else { (8, 1024) };
-    for (sm, dm) in configs.iter().take(if smoke { 2 } else { 8 }) {
-        progress(&format!("resharding {sm:?} -> {dm:?}"));
-        let (sp, dp) = (placements_for(sm, 0), placements_for(dm, 1));
-        let direct = demo::execute(&reshard_plan(sm, &sp, dm, &dp, n, side), &opts(3, true))?;
-        // Naive baseline: gather everything to one rank, then scatter from it.
-        let gather = demo::execute(&reshard_plan(sm, &sp, &[1], "R", n, side), &opts(3, true))?;
-        let scatter = demo::execute(&reshard_plan(&[1], "R", dm, &dp, n, side), &opts(3, true))?;
-        let naive = gather.best() + scatter.best();
-        out.reshard.push(ReshardRow {
-            source: format!("{sm:?} [{sp}]"),
-            destination: format!("{dm:?} [{dp}]"),
-            bytes: direct.bytes,
-            tensorbus_seconds: direct.best(),
-            naive_seconds: naive,
-            speedup: naive / direct.best(),
-            verified: direct.verified && gather.verified && scatter.verified,
-        });
-    }
+    out.reshard = reshard(if smoke { 2 } else { 8 }, n, side, &progress)?;
     progress("command round trip");
     let (med, p99) = command_rtt(if smoke { 200 } else { 5000 })?;
     out.command_rtt_us_median = med;
@@ -368,6 +341,61 @@ pub fn suite(smoke: bool, progress: impl Fn(&str)) -> Result<Suite, String> {
         Err(e) => out.cross_host_skipped = Some(e),
     }
     Ok(out)
+}
+
+/// The eight source -> destination mesh pairs (the first `configs` of them), `n` square
+/// float32 tensors of `side` x `side`, each next to a naive gather-to-one-rank-then-scatter run by
+/// the same harness.
+pub fn reshard(configs: usize, n: usize, side: u64, progress: &dyn Fn(&str)) -> Result<Vec<ReshardRow>, String> {
+    let all: [(&[usize], &[usize]); 8] = [
+        (&[2, 2, 2, 1], &[1, 1, 4, 2]),
+        (&[8, 1, 1, 1], &[1, 2, 2, 2]),
+        (&[1, 2, 4, 1], &[8, 1, 1, 1]),
+        (&[2, 4, 1, 1], &[1, 2, 4, 1]),
+        (&[4, 1, 1, 2], &[2, 1, 1, 4]),
+        (&[4, 1, 2, 1], &[1, 1, 1, 8]),
+        (&[4, 2, 1, 1], &[1, 1, 2, 4]),
+        (&[1, 1, 4, 2], &[4, 2, 1, 1]),
+    ];
+    let mut rows = Vec::new();
+    for (sm, dm) in all.iter().take(configs) {
+        progress(&format!("resharding {sm:?} -> {dm:?}"));
+        let (sp, dp) = (placements_for(sm, 0), placements_for(dm, 1));
+        let direct = demo::execute(&reshard_plan(sm, &sp, dm, &dp, n, side), &opts(3, true))?;
+        // Naive baseline: gather everything to one rank, then scatter from it.
+        let gather = demo::execute(&reshard_plan(sm, &sp, &[1], "R", n, side), &opts(3, true))?;
+        let scatter = demo::execute(&reshard_plan(&[1], "R", dm, &dp, n, side), &opts(3, true))?;
+        let naive = gather.best() + scatter.best();
+        rows.push(ReshardRow {
+            source: format!("{sm:?} [{sp}]"),
+            destination: format!("{dm:?} [{dp}]"),
+            bytes: direct.bytes,
+            tensorbus_seconds: direct.best(),
+            naive_seconds: naive,
+            speedup: naive / direct.best(),
+            verified: direct.verified && gather.verified && scatter.verified,
+        });
+    }
+    Ok(rows)
+}
+
+pub fn reshard_markdown(rows: &[ReshardRow]) -> String {
+    let mut m = String::from(
+        "| source | destination | bytes | tensorbus s | naive s | speedup | verified |\n|---|---|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        m += &format!(
+            "| {} | {} | {} | {:.4} | {:.4} | {:.2}x | {} |\n",
+            r.source,
+            r.destination,
+            r.bytes,
+            r.tensorbus_seconds,
+            r.naive_seconds,
+            r.speedup,
+            if r.verified { "yes" } else { "NO" }
+        );
+    }
+    m
 }
 
 pub fn suite_markdown(s: &Suite) -> String {
@@ -405,19 +433,8 @@ pub fn suite_markdown(s: &Suite) -> String {
         m += "| bytes | best GB/s | median GB/s | memcpy 1-thread GB/s | memcpy all-threads GB/s | process_vm_readv GB/s | best / memcpy 1-thread | agent peak anon MiB | verified |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
         m += &row(r);
     }
-    m += "\n### Resharding vs gather-to-one-rank-then-scatter (same harness)\n\n| source | destination | bytes | tensorbus s | naive s | speedup | verified |\n|---|---|---:|---:|---:|---:|---|\n";
-    for r in &s.reshard {
-        m += &format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {:.2}x | {} |\n",
-            r.source,
-            r.destination,
-            r.bytes,
-            r.tensorbus_seconds,
-            r.naive_seconds,
-            r.speedup,
-            if r.verified { "yes" } else { "NO" }
-        );
-    }
+    m += "\n### Resharding vs gather-to-one-rank-then-scatter (same harness)\n\n";
+    m += &reshard_markdown(&s.reshard);
     m += "\n### Across hosts (two network namespaces joined by a veth pair), 1 rank -> 1 rank\n\n";
     match &s.cross_host_skipped {
         Some(why) => m += &format!("Skipped: {why}\n"),

@@ -189,6 +189,15 @@ enum BenchWhat {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Resharding: the eight mesh pairs vs a naive gather-then-scatter baseline.
+    Reshard {
+        /// Side of the square float32 tensors (8 of them).
+        #[arg(long, default_value_t = 1024)]
+        side: u64,
+        /// Mesh pairs to run (of 8).
+        #[arg(long, default_value_t = 8)]
+        configs: usize,
+    },
     /// Command round trip (enqueue → agent → result → semaphore) on one live agent.
     Rtt {
         /// Round trips timed (median and p99 are reported).
@@ -383,6 +392,13 @@ fn main() -> ExitCode {
             print!("{}", bench::cross_markdown(&rows));
         }),
         Cmd::Bench { what: BenchWhat::Gpu { smoke, out } } => gpu_bench(smoke, out),
+        Cmd::Bench { what: BenchWhat::Reshard { side, configs } } => {
+            bench::reshard(configs.clamp(1, 8), 8, side.max(8), &|m| eprintln!("bench: {m}")).map(|rows| {
+                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                println!("{cores} cores, 8 tensors of {side}x{side} float32\n");
+                print!("{}", bench::reshard_markdown(&rows));
+            })
+        }
         Cmd::Bench { what: BenchWhat::Rtt { iters } } => bench::command_rtt(iters.max(1)).map(|(med, p99)| {
             println!("command round trip over {iters}: median {med:.1} us, p99 {p99:.1} us");
         }),

@@ -123,7 +123,7 @@ pub fn serve(bound: Bound, registry: registry::Registry, stop: Arc<AtomicBool>) 
                 tracing::debug!(subscribe = sub.first() == Some(&1), "outbox subscription change");
             }
         }
-        if coord.take_dirty() {
+        if coord.take_dirty() && registry.persists() {
             if let Err(e) = registry.store(&coord.snapshot()) {
                 tracing::error!("{e}");
             }

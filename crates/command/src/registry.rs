@@ -55,6 +55,11 @@ impl Registry {
     }
 
     /// Stores `s` (nothing in memory mode).
+    /// Whether [`Registry::store`] keeps anything (in memory there is nothing to keep).
+    pub fn persists(&self) -> bool {
+        matches!(self, Registry::Etcd { .. })
+    }
+
     pub fn store(&self, s: &Snapshot) -> Result<(), CommandError> {
         let Registry::Etcd { base, key } = self else { return Ok(()) };
         let value = serde_json::to_vec(s).expect("snapshots encode");

@@ -19,7 +19,7 @@ use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::sys;
 
-use crate::exec::DeviceEngine;
+use crate::exec::{DeviceEngine, Staging};
 use crate::TransportError;
 
 /// A driver call's result as an error naming the call.
@@ -191,6 +191,8 @@ pub struct Gpu {
     imports: Mutex<HashMap<Vec<u8>, Import>>,
     opens: AtomicU64,
     next_stream: AtomicUsize,
+    /// Idle page-locked staging buffers (TCP path).
+    staging: Mutex<Vec<Staging>>,
 }
 
 // SAFETY: CUDA contexts and streams may be used from any thread once made current there; the
@@ -208,6 +210,7 @@ impl Gpu {
             imports: Mutex::default(),
             opens: AtomicU64::new(0),
             next_stream: AtomicUsize::new(0),
+            staging: Mutex::default(),
         })
     }
 
@@ -399,6 +402,10 @@ fn release_vmm(ptr: u64, size: u64, handles: &[sys::CUmemGenericAllocationHandle
 
 impl Drop for Gpu {
     fn drop(&mut self) {
+        for b in self.staging.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            // SAFETY: allocated by cuMemHostAlloc in take_staging, idle.
+            unsafe { sys::cuMemFreeHost(b.ptr.cast()) };
+        }
         for (_, imp) in self.imports.get_mut().unwrap_or_else(|p| p.into_inner()).drain() {
             match imp {
                 // SAFETY: opened by us, no copy in flight (copies are synchronized per epoch).
@@ -432,6 +439,29 @@ impl DeviceEngine for Gpu {
         self.with_device(dev, |_| ())?;
         // SAFETY: as for copy_async; cuMemcpy is synchronous.
         check("cuMemcpy", unsafe { sys::cuMemcpy(dst, src, len as usize) })
+    }
+
+    fn take_staging(&self, len: usize) -> Result<Staging, TransportError> {
+        let mut pool = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = pool.iter().position(|b| b.cap >= len) {
+            return Ok(pool.swap_remove(i));
+        }
+        // Too small ones are replaced, so the pool stays at most one buffer per thread.
+        for b in pool.drain(..) {
+            // SAFETY: idle buffers of ours.
+            unsafe { sys::cuMemFreeHost(b.ptr.cast()) };
+        }
+        drop(pool);
+        let dev = self.devices.lock().unwrap_or_else(|p| p.into_inner()).keys().next().copied().unwrap_or(0);
+        self.with_device(dev, |_| ())?;
+        let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: out-pointer; portable so any device's context can use it.
+        check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut p, len.max(1), 1) })?;
+        Ok(Staging { ptr: p.cast(), cap: len.max(1) })
+    }
+
+    fn give_staging(&self, buf: Staging) {
+        self.staging.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
     }
 
     fn sync(&self) -> Result<(), TransportError> {
