@@ -18,6 +18,9 @@ rm -f "$OUT/.failed"
   nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv -lms 500 >"$OUT/smi.csv" 2>&1 &
   smi=$!
 
+  step "doctor: which data paths work on this machine"
+  .gpu/tensorbus doctor || fail "doctor"
+
   step "Rust GPU matrix (IPC handles and virtual-memory pieces), element-exact"
   .gpu/gpu-test --test-threads 1 --nocapture || fail "Rust GPU matrix"
 

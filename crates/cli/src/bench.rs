@@ -271,6 +271,25 @@ pub fn command_rtt(iters: usize) -> Result<(f64, f64), String> {
     Ok((t[t.len() / 2], t[(t.len() * 99 / 100).min(t.len() - 1)]))
 }
 
+/// The demo's 8B-class batch (2x4 FSDPxTP -> 4 TP), dimensions divided by 4 (32 when `smoke`).
+fn model_batch(smoke: bool) -> Result<Plan, String> {
+    demo::build(&crate::demo::DemoArgs {
+        src_mesh: None,
+        src_placements: None,
+        dst_mesh: None,
+        dst_placements: None,
+        dtype: "bfloat16".into(),
+        scale: if smoke { 32 } else { 4 },
+        repeat: 5,
+        bucket_size: None,
+        copy_threads: 2,
+        timeout: 120.0,
+        json: true,
+        tensors: 0,
+        device: "cpu".into(),
+    })
+}
+
 pub fn suite(smoke: bool, progress: impl Fn(&str)) -> Result<Suite, String> {
     let sizes: Vec<u64> = if smoke {
         vec![4 << 10, 1 << 20]
@@ -293,26 +312,11 @@ pub fn suite(smoke: bool, progress: impl Fn(&str)) -> Result<Suite, String> {
     for &b in &sizes {
         progress(&format!("transfer of {b} bytes"));
         let check = b <= 64 << 20;
-        let r = demo::execute(&single(b), &opts(if b >= 256 << 20 { 5 } else { 10 }, check))?;
+        let r = demo::execute(&single(b), &opts(if b >= 256 << 20 { 8 } else { 10 }, check))?;
         out.sizes.push(size_row(&r, b as usize, check));
     }
     progress("model-shaped batch");
-    let a = crate::demo::DemoArgs {
-        src_mesh: None,
-        src_placements: None,
-        dst_mesh: None,
-        dst_placements: None,
-        dtype: "bfloat16".into(),
-        scale: if smoke { 32 } else { 4 },
-        repeat: 5,
-        bucket_size: None,
-        copy_threads: 2,
-        timeout: 120.0,
-        json: true,
-        tensors: 0,
-        device: "cpu".into(),
-    };
-    let model = demo::build(&a)?;
+    let model = model_batch(smoke)?;
     let r = demo::execute(&model, &opts(5, true))?;
     out.model = Some(size_row(&r, (r.bytes as usize).clamp(16 << 20, 256 << 20), true));
 
@@ -645,22 +649,7 @@ pub fn gpu(smoke: bool, progress: impl Fn(&str)) -> Result<String, String> {
     row("one tensor, 1 rank -> 1 rank", "cuda", &single(gib), false)?;
     row("one tensor, 1 rank -> 1 rank", "cuda-vmm", &single(gib), false)?;
     row("one tensor, verified", "cuda", &single(64 << 20), true)?;
-    let a = crate::demo::DemoArgs {
-        src_mesh: None,
-        src_placements: None,
-        dst_mesh: None,
-        dst_placements: None,
-        dtype: "bfloat16".into(),
-        scale: if smoke { 32 } else { 4 },
-        repeat: 5,
-        bucket_size: None,
-        copy_threads: 2,
-        timeout: 120.0,
-        json: true,
-        tensors: 0,
-        device: "cuda".into(),
-    };
-    let model = demo::build(&a)?;
+    let model = model_batch(smoke)?;
     row("8B-class batch, 2x4 -> 4", "cuda", &model, true)?;
     let (up, down) = cuda::pinned_gbps(0, gib.min(256 << 20), 5).map_err(|e| e.to_string())?;
     md += &format!("\nPinned host -> device {up:.2} GB/s, device -> host {down:.2} GB/s.\n");

@@ -4,6 +4,7 @@
 mod bench;
 mod ctl;
 mod demo;
+mod doctor;
 mod launch;
 mod netns;
 mod pattern;
@@ -80,6 +81,24 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
+    },
+    /// Check this machine: shared memory, semaphores, cross-memory attach and pidfd_getfd between
+    /// processes, CUDA IPC and virtual-memory handoff between processes.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The other process of a doctor check (internal).
+    #[command(hide = true)]
+    DoctorChild {
+        #[arg(long)]
+        cma: Option<String>,
+        #[arg(long)]
+        pidfd: Option<String>,
+        #[arg(long)]
+        cuda_ipc: Option<String>,
+        #[arg(long)]
+        cuda_fds: Option<String>,
     },
     /// A worker process for the demo and the tests (internal).
     #[command(hide = true)]
@@ -413,6 +432,11 @@ fn main() -> ExitCode {
                     .map_err(|e| format!("writing results to {}: {e}", dir.display())),
                 None => Ok(()),
             }
+        }
+        Cmd::Doctor { json } => doctor::run(json),
+        Cmd::DoctorChild { cma, pidfd, cuda_ipc, cuda_fds } => {
+            doctor::child_main(cma, pidfd, cuda_ipc, cuda_fds);
+            Ok(())
         }
         Cmd::Worker { spec } => worker::run(&spec),
     };

@@ -90,11 +90,32 @@ pub enum Shared {
     Fds { device: u32, pieces: Vec<(i32, u64)>, offset: u64 },
 }
 
-/// File descriptors exported for virtual-memory allocations, by allocation base: one export per
-/// allocation for the worker's lifetime, so registering many tensors does not leak descriptors.
-fn exported() -> &'static Mutex<HashMap<u64, (i32, u64)>> {
-    static M: OnceLock<Mutex<HashMap<u64, (i32, u64)>>> = OnceLock::new();
+/// File descriptors exported for virtual-memory allocations, by allocation (see [`identity`]): one
+/// export per allocation for the worker's lifetime, so registering many tensors does not leak
+/// descriptors.
+fn exported() -> &'static Mutex<HashMap<AllocId, (i32, u64)>> {
+    static M: OnceLock<Mutex<HashMap<AllocId, (i32, u64)>>> = OnceLock::new();
     M.get_or_init(Default::default)
+}
+
+/// An allocation's base address and the driver's unique buffer id for it.
+type AllocId = (u64, u64);
+
+/// An allocation's identity: its base address and the driver's process-wide unique buffer id.
+/// The address alone is not enough — allocators free and map new memory at the same addresses
+/// (PyTorch's expandable segments do so all the time) — and a stale handle would send bytes to
+/// memory the tensor no longer lives in. `None` where the driver has no id: then nothing is cached.
+fn identity(base: u64) -> Option<AllocId> {
+    let mut id: u64 = 0;
+    // SAFETY: out-pointer sized for the attribute (an unsigned long long).
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut id as *mut u64).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_BUFFER_ID,
+            base,
+        )
+    };
+    (r == sys::CUresult::CUDA_SUCCESS && id != 0).then_some((base, id))
 }
 
 /// Worker side: describes `len` bytes of device memory at `ptr` for an agent.
@@ -115,11 +136,22 @@ pub fn share(ptr: u64, len: u64) -> Result<Shared, TransportError> {
     let (mut base, mut size) = (0u64, 0usize);
     // SAFETY: out-pointers.
     check("cuMemGetAddressRange", unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) })?;
+    // One handle per allocation, so that every tensor in it names the allocation with the same
+    // bytes (agents open each handle once; a second open of one allocation would fail).
+    static HANDLES: OnceLock<Mutex<HashMap<AllocId, [u8; 64]>>> = OnceLock::new();
+    let handles = HANDLES.get_or_init(Default::default);
+    let id = identity(base);
+    if let Some(handle) = id.and_then(|id| handles.lock().unwrap_or_else(|p| p.into_inner()).get(&id).copied()) {
+        return Ok(Shared::Ipc { device, handle, alloc_size: size as u64, offset: ptr - base });
+    }
     let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
     // SAFETY: out-pointer; base is an allocation's start.
     let r = unsafe { sys::cuIpcGetMemHandle(&mut h, base) };
     if r == sys::CUresult::CUDA_SUCCESS {
         let handle: [u8; 64] = h.reserved.map(|c| c as u8);
+        if let Some(id) = id {
+            handles.lock().unwrap_or_else(|p| p.into_inner()).insert(id, handle);
+        }
         return Ok(Shared::Ipc { device, handle, alloc_size: size as u64, offset: ptr - base });
     }
     // Not a cuMemAlloc allocation: walk the physical allocations under [ptr, ptr + len).
@@ -134,8 +166,9 @@ pub fn share(ptr: u64, len: u64) -> Result<Shared, TransportError> {
         if pieces.is_empty() {
             offset = at - b;
         }
+        let key = identity(b);
         let mut cache = exported().lock().unwrap_or_else(|p| p.into_inner());
-        let piece = match cache.get(&b) {
+        let piece = match key.and_then(|k| cache.get(&k)) {
             Some(p) => *p,
             None => {
                 let mut handle: sys::CUmemGenericAllocationHandle = 0;
@@ -161,7 +194,9 @@ pub fn share(ptr: u64, len: u64) -> Result<Shared, TransportError> {
                          (allocate it with cudaMalloc, or cuMemCreate with POSIX_FILE_DESCRIPTOR handles)"
                     ))
                 })?;
-                cache.insert(b, (fd, s as u64));
+                if let Some(k) = key {
+                    cache.insert(k, (fd, s as u64));
+                }
                 (fd, s as u64)
             }
         };
@@ -635,4 +670,30 @@ pub fn pinned_gbps(device: u32, bytes: u64, reps: usize) -> Result<(f64, f64), T
     // SAFETY: allocated above.
     unsafe { sys::cuMemFreeHost(host) };
     r.map(|_| (bytes as f64 / up / 1e9, bytes as f64 / down / 1e9))
+}
+
+/// The driver's version and the devices it sees, for diagnostics.
+pub fn describe_devices() -> Result<String, TransportError> {
+    driver()?;
+    let (mut version, mut n) = (0, 0);
+    // SAFETY: out-pointers.
+    check("cuDriverGetVersion", unsafe { sys::cuDriverGetVersion(&mut version) })?;
+    // SAFETY: out-pointer.
+    check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut n) })?;
+    let mut names = Vec::new();
+    for i in 0..n {
+        let mut dev = 0;
+        // SAFETY: out-pointer; i < n.
+        check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut dev, i) })?;
+        let mut name = [0 as std::ffi::c_char; 128];
+        // SAFETY: the buffer holds 128 bytes, as passed.
+        check("cuDeviceGetName", unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), 128, dev) })?;
+        let mut bytes = 0usize;
+        // SAFETY: out-pointer.
+        check("cuDeviceTotalMem", unsafe { sys::cuDeviceTotalMem_v2(&mut bytes, dev) })?;
+        // SAFETY: the driver NUL-terminates the name within the buffer.
+        let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+        names.push(format!("{i}: {name} ({:.0} GiB)", bytes as f64 / (1u64 << 30) as f64));
+    }
+    Ok(format!("CUDA driver API {}.{}, {}", version / 1000, (version % 1000) / 10, names.join("; ")))
 }
