@@ -333,6 +333,11 @@ fn lock_paths(cfg: &AgentConfig) -> Result<std::fs::File, AgentError> {
 /// Runs an agent until `stop` is set. Cleans up its files and semaphores on the way out.
 pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
     let lock = lock_paths(&cfg)?;
+    // Semaphores left by agents and workers that died without cleaning up (SIGKILL, OOM).
+    let orphans = tensorbus_host::sem::remove_orphans();
+    if orphans > 0 {
+        tracing::info!("removed {orphans} semaphore(s) of processes that are gone");
+    }
     let queue = Arc::new(CommandQueue::create(&cfg.command_queue_path, cfg.queue_capacity)?);
     let state = Arc::new(StateStore::create(&cfg.state_path)?);
     let hb =

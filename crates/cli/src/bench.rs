@@ -564,10 +564,7 @@ pub fn cross_host(smoke: bool, device: &str) -> Result<Vec<CrossRow>, String> {
         let pids = agents.iter().map(|c| c.id()).collect();
         let check = bytes <= 64 << 20;
         let run = demo::run_workers(&single(bytes), &RunOpts { device: device.into(), ..opts(5, check) }, &dir.0, pids);
-        for mut a in agents {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
+        crate::launch::Agents { children: agents }.stop(Duration::from_secs(5));
         let run = run?;
         let raw = raw_tcp(&net, &exe, bytes, streams, false)?;
         let whole = raw_tcp(&net, &exe, bytes, streams, true)?;

@@ -103,9 +103,103 @@ impl Semaphore {
     }
 }
 
+/// Unlinks tensorbus semaphores in `/dev/shm` whose creator is gone: command-queue semaphores
+/// (`tensorbus-q{hash}-{agent pid}-…`) of agents that died without removing them, and workers'
+/// completion semaphores (`tb-{type}-{context}-{pid}-{n}`) of workers that died. Objects of other
+/// users are left alone (the kernel refuses anyway), and so is anything whose pid is alive or that
+/// does not follow these names. Returns how many were removed.
+pub fn remove_orphans() -> usize {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else { return 0 };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str().and_then(|n| n.strip_prefix("sem.")) else { continue };
+        let Some(pid) = creator(name) else { continue };
+        if pid_alive(pid) {
+            continue;
+        }
+        let full = format!("/{name}");
+        if let Ok(c) = cname(&full) {
+            // SAFETY: valid NUL-terminated name.
+            if unsafe { libc::sem_unlink(c.as_ptr()) } == 0 {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+/// The pid in a tensorbus semaphore's name.
+fn creator(name: &str) -> Option<u32> {
+    if let Some(rest) = name.strip_prefix("tensorbus-q") {
+        // {hash}-{pid}-{items|free}
+        let mut parts = rest.split('-');
+        let (_hash, pid, kind) = (parts.next()?, parts.next()?, parts.next()?);
+        return (parts.next().is_none() && (kind == "items" || kind == "free")).then(|| pid.parse().ok()).flatten();
+    }
+    // tb-{type}-{context}-{pid}-{n}: type and context never contain '-'.
+    let parts: Vec<&str> = name.strip_prefix("tb-")?.split('-').collect();
+    if parts.len() != 4 || parts[3].parse::<u64>().is_err() {
+        return None;
+    }
+    parts[2].parse().ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return true; // not a pid we can judge: leave it
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 impl Drop for Semaphore {
     fn drop(&mut self) {
         // SAFETY: the semaphore was opened by sem_open and is closed once.
         unsafe { libc::sem_close(self.sem) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exists(name: &str) -> bool {
+        std::path::Path::new(&format!("/dev/shm/sem.{}", &name[1..])).exists()
+    }
+
+    #[test]
+    fn orphans_of_dead_processes_go_and_the_living_keep_theirs() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        let names = [
+            format!("/tb-Transfer-job_a-{dead}-7"),
+            format!("/tensorbus-q00000000000000aa-{dead}-items"),
+            format!("/tb-Transfer-job_a-{me}-8"),
+            format!("/tensorbus-q00000000000000aa-{me}-free"),
+            format!("/tb-not-ours-{dead}"),
+        ];
+        let sems: Vec<Semaphore> = names.iter().map(|n| Semaphore::recreate(n, 0).unwrap()).collect();
+        assert!(remove_orphans() >= 2);
+        assert!(!exists(&names[0]) && !exists(&names[1]), "orphans removed");
+        assert!(exists(&names[2]) && exists(&names[3]), "a live creator keeps its semaphores");
+        assert!(exists(&names[4]), "names that are not ours are left alone");
+        sems[0].post().unwrap(); // open handles still work after the unlink
+        for n in &names {
+            Semaphore::unlink(n);
+        }
+    }
+
+    #[test]
+    fn creators_are_read_only_from_our_names() {
+        assert_eq!(creator("tensorbus-q0123456789abcdef-42-items"), Some(42));
+        assert_eq!(creator("tensorbus-q0123456789abcdef-42-other"), None);
+        assert_eq!(creator("tensorbus-q0123456789abcdef-items"), None, "old names carry no pid");
+        assert_eq!(creator("tb-InitPair-p-77-0"), Some(77));
+        assert_eq!(creator("tb-InitPair-p-77"), None);
+        assert_eq!(creator("something-else-1-2"), None);
     }
 }

@@ -72,13 +72,14 @@ fn remove_env_files(path: &Path) {
     let _ = std::fs::remove_file(PathBuf::from(lock));
 }
 
-/// Semaphore names for a queue path: unique per path, valid as POSIX names.
-fn sem_names(path: &Path) -> (String, String) {
+/// Semaphore names for a queue path and the agent that owns it: unique per path, valid as POSIX
+/// names. The owner's pid lets [`crate::sem::remove_orphans`] find them once that agent is gone.
+fn sem_names(path: &Path, owner: u32) -> (String, String) {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in path.as_os_str().as_encoded_bytes() {
         h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
     }
-    (format!("/tensorbus-q{h:016x}-items"), format!("/tensorbus-q{h:016x}-free"))
+    (format!("/tensorbus-q{h:016x}-{owner}-items"), format!("/tensorbus-q{h:016x}-{owner}-free"))
 }
 
 fn u64_at(db: &Database<Bytes, Bytes>, txn: &heed::RoTxn, key: &str) -> Result<u64, heed::Error> {
@@ -106,10 +107,13 @@ impl CommandQueue {
         h.db.put(&mut w, b"capacity", &capacity.to_le_bytes()).map_err(lmdb)?;
         h.db.put(&mut w, b"head", &0u64.to_le_bytes()).map_err(lmdb)?;
         h.db.put(&mut w, b"tail", &0u64.to_le_bytes()).map_err(lmdb)?;
-        w.commit().map_err(lmdb)?;
-        let (items, free) = sem_names(path);
+        let (items, free) = sem_names(path, std::process::id());
+        // Producers find the semaphores by these keys.
+        h.db.put(&mut w, b"sem:items", items.as_bytes()).map_err(lmdb)?;
+        h.db.put(&mut w, b"sem:free", free.as_bytes()).map_err(lmdb)?;
         let items = Semaphore::recreate(&items, 0)?;
         let free = Semaphore::recreate(&free, capacity as u32)?;
+        w.commit().map_err(lmdb)?;
         Ok(CommandQueue { path: path.to_path_buf(), h, items, free, capacity })
     }
 
@@ -118,11 +122,14 @@ impl CommandQueue {
         let h = open_env(path, false)?;
         let r = h.env.read_txn().map_err(|e| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() })?;
         let capacity = u64_at(&h.db, &r, "capacity").unwrap_or(0);
+        let name = |k: &str| -> Option<String> {
+            h.db.get(&r, k.as_bytes()).ok().flatten().and_then(|v| String::from_utf8(v.to_vec()).ok())
+        };
+        let names = name("sem:items").zip(name("sem:free"));
         drop(r);
-        if capacity == 0 {
+        let Some((items, free)) = names.filter(|_| capacity > 0) else {
             return Err(HostError::NoAgent(format!("{} is not an initialized command queue", path.display())));
-        }
-        let (items, free) = sem_names(path);
+        };
         let no_agent = |e| HostError::NoAgent(format!("command queue semaphores for {}: {e}", path.display()));
         let items = Semaphore::open(&items).map_err(no_agent)?;
         let free = Semaphore::open(&free).map_err(no_agent)?;
@@ -187,9 +194,8 @@ impl CommandQueue {
 
     /// Removes the queue's files and semaphores (the agent does this on orderly exit).
     pub fn remove(self) {
-        let (items, free) = sem_names(&self.path);
-        Semaphore::unlink(&items);
-        Semaphore::unlink(&free);
+        Semaphore::unlink(self.items.name());
+        Semaphore::unlink(self.free.name());
         let path = self.path.clone();
         drop(self);
         remove_env_files(&path);
