@@ -22,18 +22,17 @@ rm -f "$OUT/.failed"
   .gpu/tensorbus doctor || fail "doctor"
 
   step "Rust GPU matrix (IPC handles and virtual-memory pieces), element-exact"
-  .gpu/gpu-test --test-threads 1 --nocapture || fail "Rust GPU matrix"
+  timeout 120 .gpu/gpu-test --test-threads 1 --nocapture || fail "Rust GPU matrix"
 
   step "Python: torch CUDA tensors, expandable segments, a thousand tensors"
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/tensorbus-*.whl && export PYTHONPATH=/tmp/site
-  python3 -m pytest -q -s -p no:cacheprovider python/tests/test_gpu.py python/tests/test_tensorbus.py -k "cuda or thousand or torch" \
+  timeout 150 python3 -m pytest -q -s -p no:cacheprovider python/tests/test_gpu.py python/tests/test_tensorbus.py -k "cuda or thousand or torch" \
     || fail "Python GPU tests"
 
   step "benchmarks"
-  .gpu/tensorbus bench gpu --out "$OUT/gpu-bench.md" || fail "bench gpu"
-  .gpu/tensorbus demo --device cuda --scale 4 --repeat 5 || fail "demo --device cuda"
+  timeout 150 .gpu/tensorbus bench gpu --out "$OUT/gpu-bench.md" || fail "bench gpu"
   # Resharding on 16 cores (the development machine has 2, which caps any parallel speedup).
-  .gpu/tensorbus bench reshard --side 4096 | tee "$OUT/reshard-16-cores.md" || fail "bench reshard"
+  timeout 90 .gpu/tensorbus bench reshard --side 2048 | tee "$OUT/reshard-16-cores.md" || fail "bench reshard"
   kill $smi 2>/dev/null
 } 2>&1 | tee "$OUT/gpu-check.log"
 if [ -e "$OUT/.failed" ]; then echo "== some GPU checks failed"; exit 1; fi

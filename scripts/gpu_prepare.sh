@@ -2,7 +2,8 @@
 # Builds here what the GPU check runs on a GPU machine that has no Rust toolchain, into .gpu/
 # (git-ignored): the release binary, the GPU integration test binary and the Python wheel (the GPU
 # machine's Python 3.12 has torch, numpy and pytest). Then, with the device tool:
-#   run(command="bash scripts/gpu_check.sh", carry=[".gpu"], timeout_s=540)
+#   run(command="bash scripts/gpu_check.sh", carry=[".gpu"], timeout_s=560)
+# (its steps are capped at about 9 minutes together; device time is 15 minutes a task).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu

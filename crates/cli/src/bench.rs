@@ -4,6 +4,28 @@ use crate::workload::{self, Workload};
 use std::time::{Duration, Instant};
 use tensorbus_planner::{BatchPlan, DType, Scope, Side};
 
+/// A Markdown table. A header cell starting with `<` is a left-aligned (text) column; the others
+/// are right-aligned numbers.
+fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let names: Vec<&str> = header.iter().map(|h| h.trim_start_matches('<')).collect();
+    let align: Vec<&str> = header.iter().map(|h| if h.starts_with('<') { "---" } else { "---:" }).collect();
+    let mut m = format!("| {} |\n|{}|\n", names.join(" | "), align.join("|"));
+    for r in rows {
+        m += &format!("| {} |\n", r.join(" | "));
+    }
+    m
+}
+
+/// `yes`, `NO`, or `not checked`.
+fn verdict(v: Option<bool>) -> String {
+    match v {
+        Some(true) => "yes",
+        Some(false) => "NO",
+        None => "not checked",
+    }
+    .into()
+}
+
 /// One row of the planner benchmark.
 pub struct PlannerRow {
     pub workload: &'static str,
@@ -58,23 +80,21 @@ pub fn planner(iters: usize) -> Vec<PlannerRow> {
 }
 
 pub fn planner_markdown(rows: &[PlannerRow]) -> String {
-    let mut s = String::from(
-        "| workload | tensors | share | chunks | buckets | bytes moved | median | min |\n|---|---:|---|---:|---:|---:|---:|---:|\n",
-    );
-    for r in rows {
-        s += &format!(
-            "| {} | {} | {} | {} | {} | {:.2} GiB | {:.3} ms | {:.3} ms |\n",
-            r.workload,
-            r.tensors,
-            r.scope,
-            r.chunks,
-            r.buckets,
-            r.bytes as f64 / (1u64 << 30) as f64,
-            r.median.as_secs_f64() * 1e3,
-            r.min.as_secs_f64() * 1e3
-        );
-    }
-    s
+    table(
+        &["<workload", "tensors", "<share", "chunks", "buckets", "bytes moved", "median", "min"],
+        rows.iter().map(|r| {
+            vec![
+                r.workload.to_string(),
+                r.tensors.to_string(),
+                r.scope.clone(),
+                r.chunks.to_string(),
+                r.buckets.to_string(),
+                format!("{:.2} GiB", r.bytes as f64 / (1u64 << 30) as f64),
+                format!("{:.3} ms", r.median.as_secs_f64() * 1e3),
+                format!("{:.3} ms", r.min.as_secs_f64() * 1e3),
+            ]
+        }),
+    )
 }
 
 pub fn planner_json(rows: &[PlannerRow]) -> String {
@@ -384,22 +404,51 @@ pub fn reshard(configs: usize, n: usize, side: u64, progress: &dyn Fn(&str)) -> 
 }
 
 pub fn reshard_markdown(rows: &[ReshardRow]) -> String {
-    let mut m = String::from(
-        "| source | destination | bytes | tensorbus s | naive s | speedup | verified |\n|---|---|---:|---:|---:|---:|---|\n",
-    );
-    for r in rows {
-        m += &format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {:.2}x | {} |\n",
-            r.source,
-            r.destination,
-            r.bytes,
-            r.tensorbus_seconds,
-            r.naive_seconds,
-            r.speedup,
-            if r.verified { "yes" } else { "NO" }
-        );
-    }
-    m
+    table(
+        &["<source", "<destination", "bytes", "tensorbus s", "naive s", "speedup", "<verified"],
+        rows.iter().map(|r| {
+            vec![
+                r.source.clone(),
+                r.destination.clone(),
+                r.bytes.to_string(),
+                format!("{:.4}", r.tensorbus_seconds),
+                format!("{:.4}", r.naive_seconds),
+                format!("{:.2}x", r.speedup),
+                verdict(Some(r.verified)),
+            ]
+        }),
+    )
+}
+
+fn size_table(rows: &[SizeRow]) -> String {
+    table(
+        &[
+            "bytes",
+            "best GB/s",
+            "median GB/s",
+            "memcpy 1-thread GB/s",
+            "memcpy all-threads GB/s",
+            "process_vm_readv GB/s",
+            "best / memcpy 1-thread",
+            "best / memcpy all-threads",
+            "agent peak anon MiB",
+            "<verified",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                r.bytes.to_string(),
+                format!("{:.2}", r.best_gbps),
+                format!("{:.2}", r.median_gbps),
+                format!("{:.2}", r.memcpy_1thread_gbps),
+                format!("{:.2}", r.memcpy_nthread_gbps),
+                format!("{:.2}", r.process_vm_readv_gbps),
+                format!("{:.2}", r.ratio_to_memcpy_1thread),
+                format!("{:.2}", r.best_gbps / r.memcpy_nthread_gbps),
+                format!("{:.1}", r.agent_peak_anon_mib),
+                verdict(r.verified),
+            ]
+        }),
+    )
 }
 
 pub fn suite_markdown(s: &Suite) -> String {
@@ -410,32 +459,10 @@ pub fn suite_markdown(s: &Suite) -> String {
         if s.smoke { " Smoke mode (reduced)." } else { "" }
     );
     m += "### One-host transfer, 1 rank -> 1 rank, per tensor size\n\n";
-    m += "| bytes | best GB/s | median GB/s | memcpy 1-thread GB/s | memcpy all-threads GB/s | process_vm_readv GB/s | best / memcpy 1-thread | agent peak anon MiB | verified |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
-    let row = |r: &SizeRow| {
-        format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} |\n",
-            r.bytes,
-            r.best_gbps,
-            r.median_gbps,
-            r.memcpy_1thread_gbps,
-            r.memcpy_nthread_gbps,
-            r.process_vm_readv_gbps,
-            r.ratio_to_memcpy_1thread,
-            r.agent_peak_anon_mib,
-            match r.verified {
-                Some(true) => "yes",
-                Some(false) => "NO",
-                None => "not checked",
-            }
-        )
-    };
-    for r in &s.sizes {
-        m += &row(r);
-    }
+    m += &size_table(&s.sizes);
     if let Some(r) = &s.model {
         m += "\n### Model-shaped batch (8B-class, 2x4 FSDPxTP -> 4 TP, 3 pairs)\n\n";
-        m += "| bytes | best GB/s | median GB/s | memcpy 1-thread GB/s | memcpy all-threads GB/s | process_vm_readv GB/s | best / memcpy 1-thread | agent peak anon MiB | verified |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
-        m += &row(r);
+        m += &size_table(std::slice::from_ref(r));
     }
     m += "\n### Resharding vs gather-to-one-rank-then-scatter (same harness)\n\n";
     m += &reshard_markdown(&s.reshard);
@@ -586,26 +613,32 @@ pub fn cross_host(smoke: bool, device: &str) -> Result<Vec<CrossRow>, String> {
 }
 
 pub fn cross_markdown(rows: &[CrossRow]) -> String {
-    let mut m = String::from("| streams | bytes | best GB/s | median GB/s | raw TCP, 1 MiB buffer GB/s | best / raw | raw TCP, memory to memory GB/s | best / raw memory to memory | verified |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
-    for r in rows {
-        m += &format!(
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
-            r.streams,
-            r.bytes,
-            r.best_gbps,
-            r.median_gbps,
-            r.raw_tcp_gbps,
-            r.ratio,
-            r.raw_tcp_memory_gbps,
-            r.ratio_memory,
-            match r.verified {
-                Some(true) => "yes",
-                Some(false) => "NO",
-                None => "not checked",
-            }
-        );
-    }
-    m
+    table(
+        &[
+            "streams",
+            "bytes",
+            "best GB/s",
+            "median GB/s",
+            "raw TCP, 1 MiB buffer GB/s",
+            "best / raw",
+            "raw TCP, memory to memory GB/s",
+            "best / raw memory to memory",
+            "<verified",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                r.streams.to_string(),
+                r.bytes.to_string(),
+                format!("{:.2}", r.best_gbps),
+                format!("{:.2}", r.median_gbps),
+                format!("{:.2}", r.raw_tcp_gbps),
+                format!("{:.2}", r.ratio),
+                format!("{:.2}", r.raw_tcp_memory_gbps),
+                format!("{:.2}", r.ratio_memory),
+                verdict(r.verified),
+            ]
+        }),
+    )
 }
 
 /// GPU figures, each next to its limit on the same GPU in the same run: transfers of one 1 GiB
@@ -618,29 +651,21 @@ pub fn gpu(smoke: bool, progress: impl Fn(&str)) -> Result<String, String> {
         return Err("no CUDA device on this machine".into());
     }
     let gib: u64 = if smoke { 64 << 20 } else { 1 << 30 };
-    let mut md = String::from(
-        "| what | device memory | bytes | best GB/s | median GB/s | device copy GB/s | best / device copy | verified |\n|---|---|---:|---:|---:|---:|---:|---|\n",
-    );
+    let mut rows = Vec::new();
     let mut row = |what: &str, device: &str, plan: &Plan, check: bool| -> Result<(), String> {
         progress(&format!("{what} ({device})"));
         let r = demo::execute(plan, &RunOpts { device: device.into(), ..opts(5, check) })?;
         let d2d = cuda::d2d_gbps(0, r.bytes.max(1 << 20), 5).map_err(|e| e.to_string())?;
-        md += &format!(
-            "| {what} | {device} | {} | {:.2} | {:.2} | {d2d:.2} | {:.2} | {} |\n",
-            r.bytes,
-            r.gbps(r.best()),
-            r.gbps(r.median()),
-            r.gbps(r.best()) / d2d,
-            if check {
-                if r.verified {
-                    "yes"
-                } else {
-                    "NO"
-                }
-            } else {
-                "not checked"
-            }
-        );
+        rows.push(vec![
+            what.to_string(),
+            device.to_string(),
+            r.bytes.to_string(),
+            format!("{:.2}", r.gbps(r.best())),
+            format!("{:.2}", r.gbps(r.median())),
+            format!("{d2d:.2}"),
+            format!("{:.2}", r.gbps(r.best()) / d2d),
+            verdict(check.then_some(r.verified)),
+        ]);
         Ok(())
     };
     row("one tensor, 1 rank -> 1 rank", "cuda", &single(gib), false)?;
@@ -648,6 +673,19 @@ pub fn gpu(smoke: bool, progress: impl Fn(&str)) -> Result<String, String> {
     row("one tensor, verified", "cuda", &single(64 << 20), true)?;
     let model = model_batch(smoke)?;
     row("8B-class batch, 2x4 -> 4", "cuda", &model, true)?;
+    let mut md = table(
+        &[
+            "<what",
+            "<device memory",
+            "bytes",
+            "best GB/s",
+            "median GB/s",
+            "device copy GB/s",
+            "best / device copy",
+            "<verified",
+        ],
+        rows,
+    );
     let (up, down) = cuda::pinned_gbps(0, gib.min(256 << 20), 5).map_err(|e| e.to_string())?;
     md += &format!("\nPinned host -> device {up:.2} GB/s, device -> host {down:.2} GB/s.\n");
     progress("staged cross-host GPU path (network namespaces)");
