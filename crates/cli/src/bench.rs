@@ -135,6 +135,7 @@ pub struct SizeRow {
     pub memcpy_nthread_gbps: f64,
     pub process_vm_readv_gbps: f64,
     pub ratio_to_memcpy_1thread: f64,
+    pub ratio_to_memcpy_nthread: f64,
     pub agent_peak_anon_mib: f64,
     pub verified: Option<bool>,
 }
@@ -220,12 +221,14 @@ fn cma_gbps(bytes: usize, reps: usize) -> f64 {
 fn size_row(r: &Run, probe: usize, check: bool) -> SizeRow {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let m1 = tensorbus_transport::exec::memcpy_gbps(probe, 1, 5);
+    let mn = tensorbus_transport::exec::memcpy_gbps(probe, threads, 5);
     SizeRow {
         bytes: r.bytes,
         best_gbps: r.gbps(r.best()),
         median_gbps: r.gbps(r.median()),
         memcpy_1thread_gbps: m1,
-        memcpy_nthread_gbps: tensorbus_transport::exec::memcpy_gbps(probe, threads, 5),
+        memcpy_nthread_gbps: mn,
+        ratio_to_memcpy_nthread: r.gbps(r.best()) / mn,
         process_vm_readv_gbps: cma_gbps(probe, 5),
         ratio_to_memcpy_1thread: r.gbps(r.best()) / m1,
         agent_peak_anon_mib: r.agent_peak_anon_bytes as f64 / (1 << 20) as f64,
@@ -443,7 +446,7 @@ fn size_table(rows: &[SizeRow]) -> String {
                 format!("{:.2}", r.memcpy_nthread_gbps),
                 format!("{:.2}", r.process_vm_readv_gbps),
                 format!("{:.2}", r.ratio_to_memcpy_1thread),
-                format!("{:.2}", r.best_gbps / r.memcpy_nthread_gbps),
+                format!("{:.2}", r.ratio_to_memcpy_nthread),
                 format!("{:.1}", r.agent_peak_anon_mib),
                 verdict(r.verified),
             ]
