@@ -471,7 +471,12 @@ impl Agent {
             .batches
             .iter()
             .filter_map(|(id, b)| {
-                b.reg.tensors.iter().filter_map(|t| t.pid).find(|&pid| !pid_alive(pid)).map(|pid| (id.clone(), pid))
+                b.reg
+                    .tensors
+                    .iter()
+                    .filter_map(|t| t.pid)
+                    .find(|&pid| !tensorbus_host::pid_alive(pid))
+                    .map(|pid| (id.clone(), pid))
             })
             .collect();
         for (batch, pid) in gone {
@@ -1057,11 +1062,6 @@ fn map_segment(segments: &mut HashMap<String, Arc<ShmSegment>>, name: &str) -> R
 
 fn rmp_serde_head(bytes: &[u8]) -> Option<CommandHead> {
     tensorbus_protocol::host::decode_head(bytes).map(|(ty, semaphore_name)| CommandHead { ty, semaphore_name })
-}
-
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 /// `endpoint` (`tcp://HOST:PORT` or `HOST:PORT`) with its host replaced by `advertise`.

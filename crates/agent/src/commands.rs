@@ -114,9 +114,9 @@ pub(crate) struct Lane {
 impl Lane {
     /// The main loop's batches as they are now; call before [`Lane::handled`].
     pub fn publish(&self, batches: HashMap<String, BatchStatus>) {
-        let mut p = self.published.write().unwrap_or_else(|p| p.into_inner());
-        if *p != batches {
-            *p = batches;
+        // Most loop turns change nothing: compare under the read lock the queue thread shares.
+        if *self.published.read().unwrap_or_else(|p| p.into_inner()) != batches {
+            *self.published.write().unwrap_or_else(|p| p.into_inner()) = batches;
         }
     }
 

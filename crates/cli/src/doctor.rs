@@ -299,24 +299,10 @@ fn child_cma(spec: &str) -> Result<String, String> {
 
 fn child_pidfd(spec: &str) -> Result<String, String> {
     use std::io::{Read, Seek};
-    use std::os::fd::FromRawFd;
     let (pid, fd) = spec.split_once(':').ok_or_else(|| format!("bad spec {spec:?}"))?;
-    let (pid, fd): (i64, i64) = (pid.parse().map_err(|_| "bad pid")?, fd.parse().map_err(|_| "bad fd")?);
-    // SAFETY: plain syscalls with integer arguments.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: as above.
-    let local = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: our descriptor.
-    unsafe { libc::close(pidfd as i32) };
-    if local < 0 {
-        return Err(format!("pidfd_getfd: {err}"));
-    }
-    // SAFETY: a fresh descriptor we own.
-    let mut f = unsafe { std::fs::File::from_raw_fd(local as i32) };
+    let (pid, fd): (u32, i32) = (pid.parse().map_err(|_| "bad pid")?, fd.parse().map_err(|_| "bad fd")?);
+    // What an agent does with a worker's exported GPU memory.
+    let mut f = std::fs::File::from(tensorbus_transport::cma::take_fd(pid, fd).map_err(|e| e.to_string())?);
     let mut data = Vec::new();
     f.rewind().and_then(|_| f.read_to_end(&mut data)).map_err(|e| e.to_string())?;
     if data == pattern(4096) {

@@ -169,26 +169,16 @@ enum BenchWhat {
     TcpSink {
         #[arg(long)]
         listen: String,
-        #[arg(long)]
-        streams: usize,
-        #[arg(long)]
-        bytes: u64,
-        /// Send from / receive into memory the size of the whole transfer (not a reused buffer).
-        #[arg(long)]
-        whole: bool,
+        #[command(flatten)]
+        raw: RawTcpArgs,
     },
     /// Raw TCP sender for the cross-host baseline (internal).
     #[command(hide = true)]
     TcpSource {
         #[arg(long)]
         to: String,
-        #[arg(long)]
-        streams: usize,
-        #[arg(long)]
-        bytes: u64,
-        /// Send from / receive into memory the size of the whole transfer (not a reused buffer).
-        #[arg(long)]
-        whole: bool,
+        #[command(flatten)]
+        raw: RawTcpArgs,
     },
     /// Everything: transfers vs memcpy / process_vm_readv, resharding vs a naive baseline, round
     /// trips, agent memory, planner; writes results.md and results.json.
@@ -247,6 +237,18 @@ fn gpu_bench(smoke: bool, out: Option<PathBuf>) -> Result<(), String> {
 #[cfg(not(feature = "cuda"))]
 fn gpu_bench(_smoke: bool, _out: Option<PathBuf>) -> Result<(), String> {
     Err("this build has no GPU support (the `cuda` feature)".into())
+}
+
+/// What both ends of the raw TCP baseline are told.
+#[derive(clap::Args)]
+struct RawTcpArgs {
+    #[arg(long)]
+    streams: usize,
+    #[arg(long)]
+    bytes: u64,
+    /// Send from / receive into memory the size of the whole transfer (not a reused buffer).
+    #[arg(long)]
+    whole: bool,
 }
 
 fn stop_flag() -> Arc<AtomicBool> {
@@ -401,11 +403,11 @@ fn main() -> ExitCode {
             let json = serde_json::json!({"suite": s, "planner": serde_json::from_str::<serde_json::Value>(&bench::planner_json(&planner)).unwrap_or_default()});
             std::fs::write(out.join("results.json"), json.to_string()).map_err(|e| e.to_string())
         })(),
-        Cmd::Bench { what: BenchWhat::TcpSink { listen, streams, bytes, whole } } => {
-            netns::tcp_sink(&listen, streams.max(1), bytes, whole)
+        Cmd::Bench { what: BenchWhat::TcpSink { listen, raw } } => {
+            netns::tcp_sink(&listen, raw.streams.max(1), raw.bytes, raw.whole)
         }
-        Cmd::Bench { what: BenchWhat::TcpSource { to, streams, bytes, whole } } => {
-            netns::tcp_source(&to, streams.max(1), bytes, whole)
+        Cmd::Bench { what: BenchWhat::TcpSource { to, raw } } => {
+            netns::tcp_source(&to, raw.streams.max(1), raw.bytes, raw.whole)
         }
         Cmd::Bench { what: BenchWhat::CrossHost { smoke } } => bench::cross_host(smoke, "cpu").map(|rows| {
             print!("{}", bench::cross_markdown(&rows));

@@ -131,21 +131,7 @@ impl Shards {
             Shards::Shm(_) => Ok((Memory::Shm { name: name.to_string(), offset }, "cpu".into())),
             #[cfg(feature = "cuda")]
             Shards::Gpu(d, _) => {
-                use tensorbus_protocol::payload::CudaPiece;
-                use tensorbus_transport::cuda::{share, Shared};
-                let m = match share(d.ptr() + offset, nbytes).map_err(|e| e.to_string())? {
-                    Shared::Ipc { device, handle, alloc_size, offset } => {
-                        Memory::CudaIpc { device, handle: handle.to_vec(), alloc_size, offset }
-                    }
-                    Shared::Fds { device, pieces, offset } => Memory::CudaFd {
-                        device,
-                        pid: std::process::id(),
-                        pieces: pieces.into_iter().map(|(fd, size)| CudaPiece { fd, size }).collect(),
-                        offset,
-                    },
-                };
-                let dev = format!("cuda:{}", m.cuda_device().unwrap_or(0));
-                Ok((m, dev))
+                tensorbus_host::client::cuda_memory(d.ptr() + offset, nbytes).map_err(|e| e.to_string())
             }
         }
     }

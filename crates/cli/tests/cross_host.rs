@@ -108,21 +108,7 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        // SIGTERM first: agents remove their queues and semaphores on the way out.
-        for p in &self.procs {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(p.id() as i32, libc::SIGTERM) };
-        }
-        for p in &mut self.procs {
-            for _ in 0..100 {
-                if let Ok(Some(_)) = p.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = p.kill();
-            let _ = p.wait();
-        }
+        common::stop(&mut self.procs);
         for ns in &self.ns {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }

@@ -44,6 +44,7 @@ fn a_failing_check_says_why() {
     c.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let out = c.wait_with_output().unwrap();
     let line = String::from_utf8_lossy(&out.stdout);
-    assert!(line.starts_with("error pidfd_getfd: "), "{line}");
+    let prefix = format!("error pidfd_getfd(process {}, fd 987654): ", std::process::id());
+    assert!(line.starts_with(&prefix), "{line}");
     assert!(line.contains("Bad file descriptor"), "{line}");
 }

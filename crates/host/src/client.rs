@@ -12,7 +12,7 @@ use tensorbus_planner::Placement;
 use tensorbus_protocol::host::{
     CleanupBatch, Command, CommandResult, InitPair, QueryStatus, RegisterTensors, Transfer, TransferType,
 };
-use tensorbus_protocol::payload::{MeshPayload, PlacementsPayload, TensorDesc};
+use tensorbus_protocol::payload::{Memory, MeshPayload, PlacementsPayload, TensorDesc};
 
 use crate::keys::{self, Heartbeat};
 use crate::sem::Semaphore;
@@ -57,9 +57,7 @@ impl Inner {
             .and_then(|b| Heartbeat::decode(&b))
             .ok_or_else(|| HostError::NoAgent(format!("agent {} has no heartbeat", self.agent_rank)))?;
         let age = keys::unix_now() - hb.time;
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let exists = unsafe { libc::kill(hb.pid as libc::pid_t, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        let exists = crate::pid_alive(hb.pid);
         if !hb.alive || !exists || age > HEARTBEAT_STALE.as_secs_f64() {
             return Err(HostError::AgentDied {
                 node_id: hb.node_id,
@@ -131,6 +129,33 @@ fn spin_for(sem: &Semaphore, budget: Duration) -> bool {
         // SAFETY: sched_yield has no preconditions.
         unsafe { libc::sched_yield() };
     }
+}
+
+/// How an agent reaches `nbytes` of this process's GPU memory at `ptr` — the allocation's IPC
+/// handle, or exported file descriptors of virtual-memory pieces — and the descriptor's device
+/// string (`cuda:N`).
+#[cfg(feature = "cuda")]
+pub fn cuda_memory(ptr: u64, nbytes: u64) -> Result<(Memory, String), HostError> {
+    use tensorbus_protocol::payload::CudaPiece;
+    use tensorbus_transport::cuda::{share, Shared};
+    let m = match share(ptr, nbytes).map_err(|e| HostError::Gpu(e.to_string()))? {
+        Shared::Ipc { device, handle, alloc_size, offset } => {
+            Memory::CudaIpc { device, handle: handle.to_vec(), alloc_size, offset }
+        }
+        Shared::Fds { device, pieces, offset } => Memory::CudaFd {
+            device,
+            pid: std::process::id(),
+            pieces: pieces.into_iter().map(|(fd, size)| CudaPiece { fd, size }).collect(),
+            offset,
+        },
+    };
+    let device = format!("cuda:{}", m.cuda_device().unwrap_or(0));
+    Ok((m, device))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_memory(_ptr: u64, _nbytes: u64) -> Result<(Memory, String), HostError> {
+    Err(HostError::Gpu("this build of tensorbus has no GPU support (the `cuda` feature)".into()))
 }
 
 /// A command in flight: wait on it now or later. Like the reference's semaphore, it can be waited

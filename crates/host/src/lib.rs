@@ -20,6 +20,17 @@ use std::time::Duration;
 use tensorbus_protocol::host::{ErrorKind, RemoteError};
 
 /// How often the agent rewrites its heartbeat.
+/// Whether process `pid` exists (it may belong to another user). Pids that are not ordinary
+/// process ids (0, or beyond `pid_t`) count as alive: nothing is judged dead by mistake.
+pub fn pid_alive(pid: u32) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// A heartbeat older than this means the agent is gone.
 pub const HEARTBEAT_STALE: Duration = Duration::from_millis(1000);
@@ -45,6 +56,9 @@ pub enum HostError {
     Lmdb { path: PathBuf, message: String },
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    /// GPU memory that cannot be shared with the agent (or a build without GPU support).
+    #[error("{0}")]
+    Gpu(String),
     #[error(transparent)]
     Protocol(#[from] tensorbus_protocol::ProtocolError),
 }
@@ -56,7 +70,9 @@ impl HostError {
             HostError::NoAgent(_) | HostError::AgentDied { .. } => ErrorKind::ConnectionError,
             HostError::Timeout { .. } | HostError::QueueFull { .. } => ErrorKind::TimeoutError,
             HostError::Remote(e) => e.kind,
-            HostError::Bootstrap(_) | HostError::BadSemaphoreName(_) | HostError::Protocol(_) => ErrorKind::ValueError,
+            HostError::Bootstrap(_) | HostError::BadSemaphoreName(_) | HostError::Protocol(_) | HostError::Gpu(_) => {
+                ErrorKind::ValueError
+            }
             HostError::Semaphore { .. } | HostError::Lmdb { .. } => ErrorKind::ConnectionError,
         }
     }

@@ -115,7 +115,7 @@ pub fn remove_orphans() -> usize {
         let name = entry.file_name();
         let Some(name) = name.to_str().and_then(|n| n.strip_prefix("sem.")) else { continue };
         let Some(pid) = creator(name) else { continue };
-        if pid_alive(pid) {
+        if crate::pid_alive(pid) {
             continue;
         }
         let full = format!("/{name}");
@@ -143,15 +143,6 @@ fn creator(name: &str) -> Option<u32> {
         return None;
     }
     parts[2].parse().ok()
-}
-
-fn pid_alive(pid: u32) -> bool {
-    if pid == 0 || pid > i32::MAX as u32 {
-        return true; // not a pid we can judge: leave it
-    }
-    // SAFETY: signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 impl Drop for Semaphore {

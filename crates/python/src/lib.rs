@@ -182,7 +182,7 @@ impl Client {
             .into_iter()
             .map(|(pair, dtype, shape, strides, addr, nbytes, name, device)| {
                 let (memory, device) = if device.starts_with("cuda") {
-                    gpu_memory(addr, nbytes, pid)?
+                    client::cuda_memory(addr, nbytes).map_err(|e| PyValueError::new_err(e.to_string()))?
                 } else {
                     (Memory::Cma { pid, addr }, "cpu".into())
                 };
@@ -232,31 +232,6 @@ impl Client {
         let t = secs(timeout)?;
         py.detach(|| self.inner.cleanup_batch(batch_id, t)).map_err(|e| to_py(py, e))
     }
-}
-
-/// How the agent reaches GPU memory at `addr`, and the descriptor's device string.
-#[cfg(feature = "cuda")]
-fn gpu_memory(addr: u64, nbytes: u64, pid: u32) -> PyResult<(Memory, String)> {
-    use tensorbus_protocol::payload::CudaPiece;
-    use tensorbus_transport::cuda::{share, Shared};
-    let m = match share(addr, nbytes).map_err(|e| PyValueError::new_err(e.to_string()))? {
-        Shared::Ipc { device, handle, alloc_size, offset } => {
-            Memory::CudaIpc { device, handle: handle.to_vec(), alloc_size, offset }
-        }
-        Shared::Fds { device, pieces, offset } => Memory::CudaFd {
-            device,
-            pid,
-            pieces: pieces.into_iter().map(|(fd, size)| CudaPiece { fd, size }).collect(),
-            offset,
-        },
-    };
-    let device = format!("cuda:{}", m.cuda_device().unwrap_or(0));
-    Ok((m, device))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_memory(_addr: u64, _nbytes: u64, _pid: u32) -> PyResult<(Memory, String)> {
-    Err(PyValueError::new_err("this build of tensorbus has no GPU support (the `cuda` feature)"))
 }
 
 #[pyfunction]

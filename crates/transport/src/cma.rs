@@ -51,3 +51,24 @@ pub unsafe fn write(pid: u32, addr: u64, src: *const u8, len: usize) -> Result<(
     let n = libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0);
     check("process_vm_writev", pid, addr, len, n)
 }
+
+/// Takes descriptor `fd` of process `pid` into this process with `pidfd_getfd` (the same ptrace
+/// rights as cross-memory attach: a worker grants them with `setup_ptrace`).
+pub fn take_fd(pid: u32, fd: i32) -> Result<std::os::fd::OwnedFd, TransportError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls with integer arguments.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) } as i32;
+    if pidfd < 0 {
+        return Err(TransportError::Io { what: format!("pidfd_open({pid})"), source: io::Error::last_os_error() });
+    }
+    // SAFETY: as above.
+    let local = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
+    let err = io::Error::last_os_error();
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(pidfd) };
+    if local < 0 {
+        return Err(TransportError::Io { what: format!("pidfd_getfd(process {pid}, fd {fd})"), source: err });
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(local) })
+}

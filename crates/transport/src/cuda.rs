@@ -80,6 +80,20 @@ fn bind(ordinal: u32) -> Result<sys::CUcontext, TransportError> {
     Ok(ctx)
 }
 
+/// The device that owns address `ptr` (an error for host memory).
+fn device_ordinal(ptr: u64) -> Result<u32, TransportError> {
+    let mut ordinal: i32 = -1;
+    // SAFETY: out-pointer sized for the attribute (an int).
+    check("cuPointerGetAttribute(DEVICE_ORDINAL)", unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ordinal as *mut i32).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            ptr,
+        )
+    })?;
+    u32::try_from(ordinal).map_err(|_| TransportError::Cuda(format!("0x{ptr:x} is on no device")))
+}
+
 /// How a worker's device memory reaches an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shared {
@@ -121,17 +135,7 @@ fn identity(base: u64) -> Option<AllocId> {
 /// Worker side: describes `len` bytes of device memory at `ptr` for an agent.
 pub fn share(ptr: u64, len: u64) -> Result<Shared, TransportError> {
     driver()?;
-    let mut ordinal: i32 = -1;
-    // SAFETY: out-pointer sized for the attribute (an int).
-    check("cuPointerGetAttribute(DEVICE_ORDINAL)", unsafe {
-        sys::cuPointerGetAttribute(
-            (&mut ordinal as *mut i32).cast(),
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-            ptr,
-        )
-    })
-    .map_err(|e| TransportError::Cuda(format!("{e} (is 0x{ptr:x} device memory?)")))?;
-    let device = ordinal as u32;
+    let device = device_ordinal(ptr).map_err(|e| TransportError::Cuda(format!("{e} (is 0x{ptr:x} device memory?)")))?;
     bind(device)?;
     let (mut base, mut size) = (0u64, 0usize);
     // SAFETY: out-pointers.
@@ -345,18 +349,20 @@ impl Gpu {
         let mapped = (|| {
             let mut at = ptr;
             for (fd, size) in pieces {
-                let local = take_fd(pid, *fd)?;
+                use std::os::fd::AsRawFd;
+                let local = crate::cma::take_fd(pid, *fd)
+                    .map_err(|e| TransportError::Cuda(format!("{e} (did the worker call setup_ptrace()?)")))?;
                 let mut h: sys::CUmemGenericAllocationHandle = 0;
                 // SAFETY: the descriptor is passed by value as the OS handle, per the driver API.
                 let r = unsafe {
                     sys::cuMemImportFromShareableHandle(
                         &mut h,
-                        local as isize as *mut std::ffi::c_void,
+                        local.as_raw_fd() as isize as *mut std::ffi::c_void,
                         sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
                     )
                 };
-                // SAFETY: our duplicate; the driver holds its own reference once imported.
-                unsafe { libc::close(local) };
+                // Our duplicate closes here; the driver holds its own reference once imported.
+                drop(local);
                 check("cuMemImportFromShareableHandle", r)?;
                 handles.push(h);
                 // SAFETY: [at, at + size) lies in our reservation.
@@ -390,37 +396,8 @@ impl Gpu {
 
     /// The device an address belongs to (host memory: none).
     fn device_of(ptr: u64) -> Option<u32> {
-        let mut ordinal: i32 = -1;
-        // SAFETY: out-pointer sized for an int; fails (harmlessly) for host memory.
-        let r = unsafe {
-            sys::cuPointerGetAttribute(
-                (&mut ordinal as *mut i32).cast(),
-                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-                ptr,
-            )
-        };
-        (r == sys::CUresult::CUDA_SUCCESS && ordinal >= 0).then_some(ordinal as u32)
+        device_ordinal(ptr).ok()
     }
-}
-
-/// Takes descriptor `fd` of process `pid` into this process (`pidfd_getfd`).
-fn take_fd(pid: u32, fd: i32) -> Result<i32, TransportError> {
-    // SAFETY: plain syscalls with integer arguments.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) } as i32;
-    if pidfd < 0 {
-        return Err(TransportError::Cuda(format!("pidfd_open({pid}): {}", std::io::Error::last_os_error())));
-    }
-    // SAFETY: as above.
-    let local = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
-    let err = std::io::Error::last_os_error();
-    // SAFETY: our own descriptor.
-    unsafe { libc::close(pidfd) };
-    if local < 0 {
-        return Err(TransportError::Cuda(format!(
-            "pidfd_getfd(worker {pid}, fd {fd}): {err} (did the worker call setup_ptrace()?)"
-        )));
-    }
-    Ok(local)
 }
 
 fn release_vmm(ptr: u64, size: u64, handles: &[sys::CUmemGenericAllocationHandle]) {

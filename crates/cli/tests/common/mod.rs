@@ -139,21 +139,28 @@ impl Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
-        for c in self.agents.iter_mut().flatten().chain(self.node.iter_mut()) {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        }
-        for c in self.agents.iter_mut().flatten().chain(self.node.iter_mut()) {
-            for _ in 0..100 {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        stop(self.agents.iter_mut().flatten().chain(self.node.iter_mut()));
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stops child processes in order: SIGTERM to all (agents then remove their queues and
+/// semaphores), up to 2 s each to exit, then SIGKILL.
+pub fn stop<'a>(children: impl IntoIterator<Item = &'a mut Child>) {
+    let mut children: Vec<&mut Child> = children.into_iter().collect();
+    for c in &children {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    for c in &mut children {
+        for _ in 0..100 {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
