@@ -28,6 +28,9 @@ nice cargo clippy --workspace --all-targets --locked -- -D warnings
 nice cargo clippy --locked --all-targets --no-default-features -p tensorbus-cli -p tensorbus-python -- -D warnings
 echo "== cargo test"
 nice cargo test --workspace --locked
+echo "== fuzz targets (host commands, payloads, control JSON, TCP frames), ${TENSORBUS_FUZZ_SECS:=20} s each"
+TENSORBUS_FUZZ_SECS=$TENSORBUS_FUZZ_SECS nice cargo test --locked -p tensorbus-fuzz --test targets -- --nocapture --test-threads 2 2>&1 \
+  | grep -E '^(fuzz |test result)'
 nice cargo build --release --locked --bin tensorbus
 echo "== Python package: build the portable abi3 wheel (manylinux2014, linked with zig), install it, run pytest"
 rm -f target/wheels/tensorbus-*.whl

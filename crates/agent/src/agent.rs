@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tensorbus_host::keys::{self, Heartbeat};
+use tensorbus_host::session::{self, Session, Sessions};
 use tensorbus_host::store::{CommandQueue, StateStore};
 use tensorbus_host::HEARTBEAT_INTERVAL;
 use tensorbus_planner::{BatchPlan, DType, Layout, PairPlan, Placement, Scope, Side, TensorMeta};
@@ -18,7 +19,7 @@ use tensorbus_protocol::control::{
 };
 use tensorbus_protocol::host::{Command, CommandResult, ErrorKind, RemoteError, TransferType};
 use tensorbus_protocol::payload::{Memory, MeshPayload, PairSide, PlacementsPayload, TensorDesc};
-use tensorbus_transport::exec::{self, ExecPlan, Loc, Op};
+use tensorbus_transport::exec::{self, ExecPlan, Loc, Op, Region};
 use tensorbus_transport::shm::ShmSegment;
 use tensorbus_transport::tcp::{self, Secret};
 use tensorbus_transport::{cma, reduce};
@@ -101,6 +102,8 @@ struct BatchState {
     ended: u64,
     /// `QueryStatus(epoch_ended:N)` commands waiting for epoch `N` to end.
     waits: Vec<(u64, Option<String>)>,
+    /// The session of the worker that registered the batch: when it closes, the worker is gone.
+    owner: Option<Arc<Session>>,
 }
 
 struct Agent {
@@ -116,6 +119,8 @@ struct Agent {
     pairs: BTreeMap<String, PairState>,
     batches: BTreeMap<String, BatchState>,
     segments: HashMap<String, Arc<ShmSegment>>,
+    /// Workers' sessions: who registers memory, as the kernel saw them connect.
+    sessions: Arc<Sessions>,
     /// Workers' GPU memory, opened once per allocation.
     gpus: Gpus,
     copies: Vec<CopyDone>,
@@ -158,6 +163,7 @@ fn now_unix() -> f64 {
 /// Holds an exclusive lock on `{queue}.pid` for the agent's lifetime.
 fn lock_paths(cfg: &AgentConfig) -> Result<std::fs::File, AgentError> {
     use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
     let mut path = cfg.command_queue_path.as_os_str().to_owned();
     path.push(".pid");
     let path = PathBuf::from(path);
@@ -166,8 +172,11 @@ fn lock_paths(cfg: &AgentConfig) -> Result<std::fs::File, AgentError> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| AgentError::Io { what: format!("open {}", path.display()), source: e })?;
+    // Private like the queue: it names the agent's pid.
+    let _ = std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
     // SAFETY: flock on a valid fd.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let mut pid = String::new();
@@ -192,6 +201,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         tracing::info!("removed {orphans} semaphore(s) of processes that are gone");
     }
     let queue = Arc::new(CommandQueue::create(&cfg.command_queue_path, cfg.queue_capacity)?);
+    let sessions = Sessions::serve(&session::socket_path(&cfg.command_queue_path))?;
     let state = Arc::new(StateStore::create(&cfg.state_path)?);
     let hb =
         |alive| Heartbeat { pid: std::process::id(), node_id: cfg.node_id.clone(), time: now_unix(), alive }.encode();
@@ -276,6 +286,7 @@ pub fn run(cfg: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
         pairs: BTreeMap::new(),
         batches: BTreeMap::new(),
         segments: HashMap::new(),
+        sessions,
         gpus: Gpus::new(cfg.gpu_streams),
         copies: Vec::new(),
         copy_jobs,
@@ -467,10 +478,14 @@ impl Agent {
 
     /// Releases the batches of workers that exited, and tells the job.
     fn check_workers(&mut self) {
+        // A closed session is the surest sign (a zombie still answers `kill(pid, 0)`).
         let gone: Vec<(String, u32)> = self
             .batches
             .iter()
             .filter_map(|(id, b)| {
+                if let Some(s) = b.owner.as_ref().filter(|s| !s.is_open()) {
+                    return Some((id.clone(), s.pid));
+                }
                 b.reg
                     .tensors
                     .iter()
@@ -711,26 +726,87 @@ impl Agent {
         map_segment(&mut self.segments, name)
     }
 
-    /// Checks that a worker's tensor memory exists and is large enough.
-    fn check_memory(&mut self, i: usize, d: &TensorDesc) -> Result<(), String> {
+    /// The session a tensor's payload names, which must be open here and the same for the
+    /// whole batch.
+    fn owner_of(&self, i: usize, d: &TensorDesc, owner: &mut Option<Arc<Session>>) -> Result<(), String> {
+        let Some(token) = d.session.as_deref() else {
+            if matches!(d.memory, Memory::CudaIpc { .. }) {
+                return Ok(()); // the IPC handle itself is the capability
+            }
+            return Err(format!(
+                "tensor {i}: session: none given; open a session on {} first (docs/protocol.md, Sessions): \
+                 the agent touches only memory of the process that registers it",
+                self.sessions.path().display()
+            ));
+        };
+        let s = self.sessions.get(token).ok_or_else(|| {
+            format!("tensor {i}: session: no open session has this token (closed, or issued by another agent)")
+        })?;
+        match owner {
+            Some(o) if !Arc::ptr_eq(o, &s) => {
+                Err(format!("tensor {i}: session: differs from tensor 0's; one process registers a batch"))
+            }
+            Some(_) => Ok(()),
+            None => {
+                *owner = Some(s);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks that a worker's tensor memory exists, is large enough, and is the registering
+    /// process's own (`owner`: its session, the kernel's word for its pid).
+    fn check_memory(&mut self, i: usize, d: &TensorDesc, owner: Option<&Session>) -> Result<(), String> {
+        let not_yours = |field: &str, pid: u32, q: u32| {
+            format!(
+                "tensor {i}: {field}: pid {pid} is not the registering process (pid {q}); \
+                 the agent reads and writes only memory of the worker that registers it"
+            )
+        };
+        if let (Some(o), Some(pid)) = (owner, d.pid) {
+            if pid != o.pid {
+                return Err(not_yours("pid", pid, o.pid));
+            }
+        }
         match &d.memory {
             Memory::CudaIpc { .. } | Memory::CudaFd { .. } => {
+                if let (Memory::CudaFd { pid, .. }, Some(o)) = (&d.memory, owner) {
+                    if *pid != o.pid {
+                        return Err(not_yours("memory.pid", *pid, o.pid));
+                    }
+                }
                 self.gpus.locate(&d.memory, d.nbytes).map_err(|e| format!("tensor {i}: {e}"))?;
             }
             Memory::Shm { name, offset } => {
                 let seg = self.map_segment(name)?;
-                if offset + d.nbytes > seg.len() as u64 {
+                let end = offset.checked_add(d.nbytes).filter(|&e| e <= seg.len() as u64);
+                if end.is_none() {
                     return Err(format!(
-                        "tensor {i}: bytes [{offset}, {}) lie outside shared memory {name} of {} bytes",
-                        offset + d.nbytes,
+                        "tensor {i}: memory.offset: bytes [{offset}, {offset} + {}) lie outside shared memory {name} of {} bytes",
+                        d.nbytes,
                         seg.len()
+                    ));
+                }
+                let o = owner.expect("shm needs a session");
+                let held =
+                    cma::holds_file(o.pid, seg.file_id()).map_err(|e| format!("tensor {i}: memory.name: {e}"))?;
+                if !held {
+                    return Err(format!(
+                        "tensor {i}: memory.name: the registering process (pid {}) has not mapped or opened {name}; \
+                         the agent touches only memory its worker holds",
+                        o.pid
                     ));
                 }
             }
             Memory::Cma { pid, addr } => {
+                let o = owner.expect("cma needs a session");
+                if *pid != o.pid {
+                    return Err(not_yours("memory.pid", *pid, o.pid));
+                }
                 if d.nbytes > 0 {
                     let mut b = [0u8; 1];
-                    for at in [*addr, *addr + d.nbytes - 1] {
+                    // validate() checked that addr + nbytes does not wrap.
+                    for at in [*addr, *addr + (d.nbytes - 1)] {
                         // SAFETY: reading one byte into a local buffer.
                         unsafe { cma::read(*pid, at, b.as_mut_ptr(), 1) }.map_err(|e| format!("tensor {i}: {e}"))?;
                     }
@@ -760,6 +836,7 @@ impl Agent {
             return Err(bad("bucket_size must be positive".into()));
         }
         let mut reg = BatchReg { pairs: vec![], tensors: vec![], bucket_size: c.bucket_size };
+        let mut owner: Option<Arc<Session>> = None;
         for (i, (pair, payload)) in c.tensors.iter().enumerate() {
             let p = self
                 .pairs
@@ -768,10 +845,16 @@ impl Agent {
             if !p.matched {
                 return Err(bad(format!("tensor {i}: pair {pair:?} is not matched yet")));
             }
-            let d = TensorDesc::decode(payload).map_err(|e| bad(format!("tensor {i}: {e}")))?;
+            let mut d = TensorDesc::decode(payload).map_err(|e| bad(format!("tensor {i}: {e}")))?;
             d.validate().map_err(|e| bad(format!("tensor {i}: {e}")))?;
             p.layout.check_ndim(d.shape.len()).map_err(|e| bad(format!("tensor {i}: {e}")))?;
-            self.check_memory(i, &d).map_err(bad)?;
+            self.owner_of(i, &d, &mut owner).map_err(bad)?;
+            self.check_memory(i, &d, owner.as_deref()).map_err(bad)?;
+            // Peers learn the owner's pid, never its token.
+            d.session = None;
+            if let Some(o) = &owner {
+                d.pid = Some(o.pid);
+            }
             reg.pairs.push(pair.clone());
             reg.tensors.push(d);
         }
@@ -789,6 +872,7 @@ impl Agent {
                 remote_bytes: None,
                 ended: 0,
                 waits: Vec::new(),
+                owner,
             },
         );
         self.send_identify().map_err(|e| value_err(&me, e.to_string()))?;
@@ -1058,6 +1142,19 @@ fn map_segment(segments: &mut HashMap<String, Arc<ShmSegment>>, name: &str) -> R
     let s = Arc::new(ShmSegment::open(name).map_err(|e| e.to_string())?);
     segments.insert(name.to_string(), s.clone());
     Ok(s)
+}
+
+/// Where `nbytes` at `offset` of a mapped segment start, if they lie inside it.
+fn shm_loc(seg: &ShmSegment, offset: u64, nbytes: u64) -> Result<Loc, String> {
+    if offset.checked_add(nbytes).is_none_or(|end| end > seg.len() as u64) {
+        return Err(format!(
+            "bytes [{offset}, {offset} + {nbytes}) lie outside shared memory {} of {} bytes",
+            seg.name(),
+            seg.len()
+        ));
+    }
+    // SAFETY: offset + nbytes <= len, checked above, so the pointer stays inside the mapping.
+    Ok(Loc::Local(unsafe { seg.as_ptr().add(offset as usize) }))
 }
 
 fn rmp_serde_head(bytes: &[u8]) -> Option<CommandHead> {

@@ -269,6 +269,7 @@ fn work(spec: &WorkerSpec, base: &Report) -> Result<(), String> {
                 memory,
                 nbytes: *nbytes,
                 pid: None,
+                session: None,
             },
             spec.pairs[t.pair].name.as_str(),
         ));

@@ -16,6 +16,7 @@ use tensorbus_protocol::payload::{Memory, MeshPayload, PlacementsPayload, Tensor
 
 use crate::keys::{self, Heartbeat};
 use crate::sem::Semaphore;
+use crate::session::{self, ClientSession};
 use crate::store::{CommandQueue, StateStore};
 use crate::{bootstrap, HostError, HEARTBEAT_STALE};
 
@@ -38,6 +39,8 @@ struct Inner {
     /// more than the rest of a round trip). Only semaphores whose post was consumed come back.
     pool: Mutex<Vec<Semaphore>>,
     last_alive: Mutex<Option<Instant>>,
+    /// Proves to the agent which process registers memory; open as long as the client lives.
+    session: ClientSession,
 }
 
 impl Drop for Inner {
@@ -258,12 +261,16 @@ impl TensorBusClient {
         let deadline = Instant::now() + connection_timeout;
         loop {
             let attempt = (|| {
+                let queue = CommandQueue::open(&qp)?;
+                let state = StateStore::open(&sp)?;
+                let session = session::connect(&session::socket_path(&qp), connection_timeout)?;
                 let inner = Inner {
                     agent_rank,
-                    queue: CommandQueue::open(&qp)?,
-                    state: StateStore::open(&sp)?,
+                    queue,
+                    state,
                     pool: Mutex::new(Vec::new()),
                     last_alive: Mutex::new(None),
+                    session,
                 };
                 inner.check_alive()?;
                 Ok::<_, HostError>(inner)
@@ -280,6 +287,11 @@ impl TensorBusClient {
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
+    }
+
+    /// The token of this client's session (tensor payloads carry it; see [`crate::session`]).
+    pub fn session_token(&self) -> &str {
+        &self.inner.session.token
     }
 
     /// The agent's pid (for [`bootstrap::setup_ptrace`]).
@@ -341,6 +353,7 @@ impl TensorBusClient {
         timeout: Duration,
     ) -> Result<BatchHandler, HostError> {
         let kind = ("RegisterTensors", batch_id);
+        let (token, pid) = (self.inner.session.token.clone(), self.inner.session.pid);
         let cmd = move |sem: String| {
             Command::RegisterTensors(RegisterTensors {
                 batch_id: batch_id.into(),
@@ -348,7 +361,17 @@ impl TensorBusClient {
                     .iter()
                     .map(|(d, p)| {
                         let mut d = d.clone();
-                        d.pid.get_or_insert(std::process::id());
+                        // The agent may see this process under another pid (another pid
+                        // namespace): name ourselves as its kernel does.
+                        let me = std::process::id();
+                        match &mut d.memory {
+                            Memory::Cma { pid: p, .. } | Memory::CudaFd { pid: p, .. } if *p == me => *p = pid,
+                            _ => {}
+                        }
+                        if d.pid.is_none_or(|p| p == me) {
+                            d.pid = Some(pid);
+                        }
+                        d.session.get_or_insert_with(|| token.clone());
                         (p.to_string(), d.encode().into())
                     })
                     .collect(),

@@ -5,6 +5,7 @@
 //!   on a POSIX semaphore, never polls) and the state store (states, per-command results,
 //!   heartbeat);
 //! - [`sem`]: POSIX named semaphores;
+//! - [`session`]: the Unix-socket session that proves to the agent which process registers memory;
 //! - [`bootstrap`]: finding one's agent from the launch environment, and `setup_ptrace`;
 //! - [`client`]: `TensorBusClient` and `BatchHandler`, the worker API.
 
@@ -12,6 +13,7 @@ pub mod bootstrap;
 pub mod client;
 pub mod keys;
 pub mod sem;
+pub mod session;
 pub mod store;
 
 use std::path::PathBuf;

@@ -49,11 +49,34 @@ impl TensorMeta {
     }
 }
 
+/// Whether `strides` (in elements) lay `shape` out contiguously in row-major order, judged as
+/// torch judges it: the strides of size-1 dimensions do not matter, and an empty tensor is
+/// contiguous. Never overflows: a stride that would exceed `u64` cannot match.
+pub fn is_contiguous(shape: &[u64], strides: &[u64]) -> bool {
+    if shape.len() != strides.len() {
+        return false;
+    }
+    if shape.contains(&0) {
+        return true;
+    }
+    let mut expected: Option<u64> = Some(1);
+    for (&n, &s) in shape.iter().zip(strides).rev() {
+        if n == 1 {
+            continue;
+        }
+        if expected != Some(s) {
+            return false;
+        }
+        expected = expected.and_then(|e| e.checked_mul(n));
+    }
+    true
+}
+
 /// Contiguous row-major strides, in elements.
 pub fn contiguous_strides(shape: &[u64]) -> Vec<u64> {
     let mut s = vec![1u64; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
+        s[i] = s[i + 1].saturating_mul(shape[i + 1]);
     }
     s
 }

@@ -31,7 +31,8 @@ mod layout;
 mod pair;
 
 pub use batch::{
-    contiguous_strides, BatchPlan, BatchTensor, Bucket, Chunk, Scope, TensorInfo, TensorMeta, DEFAULT_BUCKET_SIZE,
+    contiguous_strides, is_contiguous, BatchPlan, BatchTensor, Bucket, Chunk, Scope, TensorInfo, TensorMeta,
+    DEFAULT_BUCKET_SIZE,
 };
 pub use dtype::DType;
 pub use error::{PlanError, Result};

@@ -20,6 +20,9 @@ pub enum ProtocolError {
     BadCommand(String),
     #[error("malformed payload: {0}")]
     BadPayload(String),
+    /// One field of a payload is out of range or inconsistent with the others.
+    #[error("{field}: {why}")]
+    BadField { field: String, why: String },
     #[error("malformed control message: {0}")]
     BadMessage(String),
     #[error(transparent)]

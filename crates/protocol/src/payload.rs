@@ -117,6 +117,16 @@ pub struct CudaPiece {
 }
 
 impl Memory {
+    /// The `kind` tag of the payload.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Memory::Shm { .. } => "shm",
+            Memory::Cma { .. } => "cma",
+            Memory::CudaIpc { .. } => "cudaipc",
+            Memory::CudaFd { .. } => "cudafd",
+        }
+    }
+
     /// The CUDA device the memory is on, if it is device memory.
     pub fn cuda_device(&self) -> Option<u32> {
         match self {
@@ -145,6 +155,10 @@ pub struct TensorDesc {
     /// and fails its transfers (naming the worker) when it exits.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// The session token the agent issued this worker over its session socket (see
+    /// docs/protocol.md, "Sessions"): proves which process registers the memory.
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 impl TensorDesc {
@@ -163,35 +177,88 @@ impl TensorDesc {
         self.dtype.parse().map_err(ProtocolError::Plan)
     }
 
-    /// Checks internal consistency: contiguity, byte size, device.
+    /// Checks internal consistency with checked arithmetic only: the shape's element count and
+    /// byte size fit in `u64` and equal `nbytes`, the strides are contiguous (torch's rule), and
+    /// the memory's own numbers (`offset`, `addr`, piece sizes) do not wrap. Every error names the
+    /// field.
     pub fn validate(&self) -> Result<DType, ProtocolError> {
         let dtype = self.dtype()?;
-        if self.device != "cpu" {
-            return Err(ProtocolError::BadPayload(format!(
-                "device {:?} is not supported by this agent (cpu only)",
-                self.device
-            )));
+        let field = |field: &str, why: String| ProtocolError::BadField { field: field.into(), why };
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| field("shape", format!("{:?} has more than 2^64 elements", self.shape)))?;
+        let expected = numel
+            .checked_mul(dtype.size() as u64)
+            .ok_or_else(|| field("shape", format!("{:?} of {dtype} is more than 2^64 bytes", self.shape)))?;
+        if self.nbytes != expected {
+            return Err(field(
+                "nbytes",
+                format!("{} does not match shape {:?} of {dtype} ({expected} bytes)", self.nbytes, self.shape),
+            ));
+        }
+        if isize::try_from(self.nbytes).is_err() {
+            return Err(field("nbytes", format!("{} is larger than an address space", self.nbytes)));
         }
         if self.strides.len() != self.shape.len() {
-            return Err(ProtocolError::BadPayload(format!(
-                "{} strides for {} dimensions",
-                self.strides.len(),
-                self.shape.len()
-            )));
+            return Err(field(
+                "strides",
+                format!("{} strides for {} dimensions", self.strides.len(), self.shape.len()),
+            ));
         }
-        let numel: u64 = self.shape.iter().product();
-        if numel > 1 && self.strides != tensorbus_planner::contiguous_strides(&self.shape) {
-            return Err(ProtocolError::BadPayload(format!(
-                "tensor is not contiguous (shape {:?}, strides {:?}); register a contiguous tensor",
-                self.shape, self.strides
-            )));
+        if !tensorbus_planner::is_contiguous(&self.shape, &self.strides) {
+            return Err(field(
+                "strides",
+                format!(
+                    "tensor is not contiguous (shape {:?}, strides {:?}); register a contiguous tensor",
+                    self.shape, self.strides
+                ),
+            ));
         }
-        let expected = numel * dtype.size() as u64;
-        if self.nbytes != expected {
-            return Err(ProtocolError::BadPayload(format!(
-                "nbytes {} does not match shape {:?} of {} ({} bytes)",
-                self.nbytes, self.shape, dtype, expected
-            )));
+        match &self.memory {
+            Memory::Shm { offset, .. } => {
+                offset
+                    .checked_add(self.nbytes)
+                    .ok_or_else(|| field("memory.offset", format!("{offset} + {} bytes wraps around", self.nbytes)))?;
+            }
+            Memory::Cma { addr, .. } => {
+                addr.checked_add(self.nbytes)
+                    .ok_or_else(|| field("memory.addr", format!("{addr:#x} + {} bytes wraps around", self.nbytes)))?;
+            }
+            Memory::CudaIpc { alloc_size, offset, .. } => {
+                let end = offset
+                    .checked_add(self.nbytes)
+                    .ok_or_else(|| field("memory.offset", format!("{offset} + {} bytes wraps around", self.nbytes)))?;
+                if end > *alloc_size {
+                    return Err(field(
+                        "memory.offset",
+                        format!("bytes [{offset}, {end}) lie outside the allocation of {alloc_size} bytes"),
+                    ));
+                }
+            }
+            Memory::CudaFd { pieces, offset, .. } => {
+                let total = pieces
+                    .iter()
+                    .try_fold(0u64, |n, p| n.checked_add(p.size))
+                    .ok_or_else(|| field("memory.pieces", "piece sizes add up to more than 2^64".into()))?;
+                let end = offset
+                    .checked_add(self.nbytes)
+                    .ok_or_else(|| field("memory.offset", format!("{offset} + {} bytes wraps around", self.nbytes)))?;
+                if end > total {
+                    return Err(field(
+                        "memory.offset",
+                        format!("bytes [{offset}, {end}) lie outside the {total} bytes of its pieces"),
+                    ));
+                }
+            }
+        }
+        let cpu = matches!(self.memory, Memory::Shm { .. } | Memory::Cma { .. });
+        if cpu != (self.device == "cpu") {
+            return Err(field(
+                "device",
+                format!("{:?} does not fit memory of kind {}", self.device, self.memory.kind()),
+            ));
         }
         Ok(dtype)
     }
@@ -212,6 +279,7 @@ mod tests {
             memory,
             nbytes: 64,
             pid: Some(7),
+            session: None,
         }
     }
 

@@ -197,6 +197,7 @@ impl Client {
                         memory,
                         nbytes,
                         pid: Some(pid),
+                        session: None,
                     },
                     pair,
                 ))

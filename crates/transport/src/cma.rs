@@ -10,7 +10,7 @@ fn check(what: &str, pid: u32, addr: u64, len: usize, n: isize) -> Result<(), Tr
         return Err(match e.raw_os_error() {
             Some(libc::EFAULT) => TransportError::NoSuchMemory(format!(
                 "{what}: pid {pid} has no mapping for [{addr:#x}, {:#x})",
-                addr + len as u64
+                addr.saturating_add(len as u64)
             )),
             Some(libc::ESRCH) => TransportError::NoSuchMemory(format!("{what}: process {pid} is gone")),
             _ => TransportError::Io { what: format!("{what} pid {pid}"), source: e },
@@ -71,4 +71,56 @@ pub fn take_fd(pid: u32, fd: i32) -> Result<std::os::fd::OwnedFd, TransportError
     }
     // SAFETY: a fresh descriptor nobody else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(local) })
+}
+
+/// Whether process `pid` has the file `(st_dev, st_ino)` mapped or open — the kernel's word, from
+/// `/proc/{pid}/maps` and `/proc/{pid}/fd`, that the process holds that shared-memory object
+/// (reading them needs the same rights over `pid` as reading its memory).
+pub fn holds_file(pid: u32, (dev, ino): (u64, u64)) -> Result<bool, TransportError> {
+    let io = |what: String, e: io::Error| TransportError::Io { what, source: e };
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| io(format!("reading the mappings of process {pid}"), e))?;
+    let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+    for line in maps.lines() {
+        // address perms offset dev inode [path]
+        let mut f = line.split_ascii_whitespace().skip(3);
+        let (Some(d), Some(i)) = (f.next(), f.next()) else { continue };
+        let Some((ma, mi)) = d.split_once(':') else { continue };
+        let same_dev =
+            u64::from_str_radix(ma, 16).ok() == Some(major) && u64::from_str_radix(mi, 16).ok() == Some(minor);
+        if same_dev && i.parse::<u64>().ok() == Some(ino) {
+            return Ok(true);
+        }
+    }
+    let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(d) => d,
+        Err(_) => return Ok(false),
+    };
+    for e in fds.flatten() {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(e.path()) {
+            if m.dev() == dev && m.ino() == ino {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_holds_the_segments_it_maps_and_not_others() {
+        let name = format!("/tb-holds-{}", std::process::id());
+        let seg = crate::shm::ShmSegment::recreate(&name, 4096).unwrap();
+        assert!(holds_file(std::process::id(), seg.file_id()).unwrap());
+        // A process that never opened it (a child `sleep`) does not hold it.
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert!(!holds_file(child.id(), seg.file_id()).unwrap());
+        let _ = child.kill();
+        let _ = child.wait();
+        crate::shm::ShmSegment::unlink(&name);
+    }
 }

@@ -53,7 +53,28 @@ unsafe impl Send for Staging {}
 unsafe impl Send for Loc {}
 unsafe impl Sync for Loc {}
 
+/// A registered tensor as the copier sees it: where its bytes start and how many there are.
+/// Every operation's location comes from [`Region::at`], so no run of a plan reaches past the
+/// tensor it names, whatever the plan or the peers said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub loc: Loc,
+    pub nbytes: u64,
+}
+
+impl Region {
+    /// The location of the `len` bytes at `offset`, if they lie inside the region.
+    pub fn at(self, offset: u64, len: u64) -> Result<Loc, TransportError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.nbytes => Ok(self.loc.offset(offset)),
+            _ => Err(TransportError::OutOfBounds { offset, len, nbytes: self.nbytes }),
+        }
+    }
+}
+
 impl Loc {
+    /// The location `by` bytes further on. Only for offsets already checked against the
+    /// region's size ([`Region::at`] checks them).
     pub fn offset(self, by: u64) -> Loc {
         match self {
             // SAFETY: callers offset within a registered, bounds-checked region.

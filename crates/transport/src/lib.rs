@@ -29,4 +29,7 @@ pub enum TransportError {
     Refused(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A run of a plan that would reach outside the tensor it names.
+    #[error("bytes [{offset}, {offset} + {len}) lie outside a tensor of {nbytes} bytes")]
+    OutOfBounds { offset: u64, len: u64, nbytes: u64 },
 }

@@ -10,6 +10,8 @@ pub struct ShmSegment {
     name: String,
     ptr: *mut u8,
     len: usize,
+    /// The object's device and inode, to recognize it in another process's mappings.
+    id: (u64, u64),
 }
 
 // SAFETY: the mapping is plain shared memory; concurrent access is coordinated by the protocol
@@ -78,6 +80,13 @@ impl ShmSegment {
     }
 
     fn map(name: &str, fd: libc::c_int, len: usize, extra: libc::c_int) -> Result<Self, TransportError> {
+        // SAFETY: fstat into a zeroed struct on a valid fd.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            let e = os_err("fstat", name);
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
         // SAFETY: mapping a valid fd of at least `len` bytes (ftruncate/fstat above).
         let ptr = unsafe {
             libc::mmap(
@@ -94,11 +103,16 @@ impl ShmSegment {
         if ptr == libc::MAP_FAILED {
             return Err(os_err("mmap", name));
         }
-        Ok(ShmSegment { name: name.to_string(), ptr: ptr as *mut u8, len })
+        Ok(ShmSegment { name: name.to_string(), ptr: ptr as *mut u8, len, id: (st.st_dev, st.st_ino) })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The object's `(st_dev, st_ino)`, as [`crate::cma::holds_file`] looks for it.
+    pub fn file_id(&self) -> (u64, u64) {
+        self.id
     }
 
     pub fn len(&self) -> usize {

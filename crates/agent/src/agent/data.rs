@@ -82,17 +82,11 @@ pub(super) fn receive(
     let targets = targets.read().unwrap();
     let t =
         targets.get(&f.key).ok_or_else(|| format!("data for an unregistered tensor {:?}", f.key.replace('\0', "/")))?;
-    if f.offset.checked_add(f.len).is_none_or(|end| end > t.nbytes) {
-        return Err(format!(
-            "data for bytes [{}, +{}) outside tensor {:?} of {} bytes",
-            f.offset,
-            f.len,
-            f.key.replace('\0', "/"),
-            t.nbytes
-        ));
-    }
+    let at = Region { loc: t.loc, nbytes: t.nbytes }
+        .at(f.offset, f.len)
+        .map_err(|e| format!("data for tensor {:?}: {e}", f.key.replace('\0', "/")))?;
     let n = f.len as usize;
-    match t.loc.offset(f.offset) {
+    match at {
         // SAFETY: bounds checked above; the destination worker waits in a receive.
         Loc::Local(p) => s.read_exact(unsafe { std::slice::from_raw_parts_mut(p, n) }).map_err(|e| e.to_string()),
         Loc::Remote { pid, addr } => {
@@ -130,8 +124,7 @@ impl Agent {
                 }
                 Memory::Shm { name, offset } => {
                     let seg = self.map_segment(name)?;
-                    // SAFETY: the registration checked offset + nbytes against the mapping.
-                    (Loc::Local(unsafe { seg.as_ptr().add(*offset as usize) }), Some(seg))
+                    (super::shm_loc(&seg, *offset, d.nbytes)?, Some(seg))
                 }
                 Memory::Cma { pid, addr } => (Loc::Remote { pid: *pid, addr: *addr }, None),
             };

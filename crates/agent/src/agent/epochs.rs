@@ -195,8 +195,9 @@ impl Agent {
                 .map_err(|e| e.to_string())?;
             let reduce_op = plan.src().partial_op();
             // Resolve every (rank, tensor) location once.
-            let mut locs: HashMap<(bool, u32, u32), Loc> = HashMap::new();
-            let mut resolve = |src_side: bool, rank: u32, k: u32| -> Result<Loc, String> {
+            // With its byte size: every run is checked to lie inside its tensor before it is queued.
+            let mut locs: HashMap<(bool, u32, u32), Region> = HashMap::new();
+            let mut resolve = |src_side: bool, rank: u32, k: u32| -> Result<Region, String> {
                 if let Some(l) = locs.get(&(src_side, rank, k)) {
                     return Ok(*l);
                 }
@@ -211,16 +212,16 @@ impl Agent {
                     }
                     Memory::Shm { name, offset } => {
                         let seg = map_segment(segments, name)?;
-                        if offset + d.nbytes > seg.len() as u64 {
-                            return Err(format!("{id}: tensor {k} lies outside shared memory {name}"));
-                        }
-                        // SAFETY: offset checked against the mapping's length.
-                        Loc::Local(unsafe { seg.as_ptr().add(*offset as usize) })
+                        super::shm_loc(&seg, *offset, d.nbytes).map_err(|e| format!("{id}: tensor {k}: {e}"))?
                     }
                     Memory::Cma { pid, addr } => Loc::Remote { pid: *pid, addr: *addr },
                 };
-                locs.insert((src_side, rank, k), l);
-                Ok(l)
+                let r = Region { loc: l, nbytes: d.nbytes };
+                locs.insert((src_side, rank, k), r);
+                Ok(r)
+            };
+            let at = |what: &str, r: &Region, offset: u64, len: u64| {
+                r.at(offset, len).map_err(|e| format!("batch {batch}: the plan's {what} run: {e}"))
             };
             for bucket in bp.buckets() {
                 let mut ops = Vec::new();
@@ -266,14 +267,14 @@ impl Agent {
                                     ));
                                 }
                             }
-                            let srcs: Vec<Loc> =
+                            let srcs: Vec<Region> =
                                 contributors.iter().map(|&r| resolve(true, r, ch.tensor)).collect::<Result<_, _>>()?;
                             for (so, doff, len) in ch.runs() {
                                 ops.push(Op::ReduceSend {
                                     link,
                                     key: key.clone(),
                                     offset: doff,
-                                    srcs: srcs.iter().map(|s| s.offset(so)).collect(),
+                                    srcs: srcs.iter().map(|s| at("source", s, so, len)).collect::<Result<_, _>>()?,
                                     len,
                                     dtype,
                                     op,
@@ -283,29 +284,36 @@ impl Agent {
                         }
                         let src = resolve(true, ch.src_rank, ch.tensor)?;
                         for (so, doff, len) in ch.runs() {
-                            ops.push(Op::Send { link, key: key.clone(), offset: doff, src: src.offset(so), len });
+                            ops.push(Op::Send {
+                                link,
+                                key: key.clone(),
+                                offset: doff,
+                                src: at("source", &src, so, len)?,
+                                len,
+                            });
                         }
                         continue;
                     }
                     let dst = resolve(false, ch.dst_rank, ch.tensor)?;
                     let dtype = bp.tensors[ch.tensor as usize].meta.dtype;
-                    let srcs: Vec<Loc> =
+                    let srcs: Vec<Region> =
                         contributors.iter().map(|&r| resolve(true, r, ch.tensor)).collect::<Result<_, _>>()?;
                     for (so, doff, len) in ch.runs() {
+                        let to = at("destination", &dst, doff, len)?;
                         match (reduce_op, srcs.len()) {
                             (Some(op), n) if n > 1 => {
                                 if !reduce::supported(dtype) {
                                     return Err(format!("Partial reduction of {dtype} is not supported"));
                                 }
                                 ops.push(Op::Reduce {
-                                    srcs: srcs.iter().map(|s| s.offset(so)).collect(),
-                                    dst: dst.offset(doff),
+                                    srcs: srcs.iter().map(|s| at("source", s, so, len)).collect::<Result<_, _>>()?,
+                                    dst: to,
                                     len,
                                     dtype,
                                     op,
                                 })
                             }
-                            _ => ops.push(Op::Copy { src: srcs[0].offset(so), dst: dst.offset(doff), len }),
+                            _ => ops.push(Op::Copy { src: at("source", &srcs[0], so, len)?, dst: to, len }),
                         }
                     }
                 }

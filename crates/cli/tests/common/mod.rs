@@ -179,6 +179,7 @@ pub fn shm_desc(seg: &str, offset: u64, shape: &[u64], dtype: &str) -> tensorbus
         memory: tensorbus_protocol::payload::Memory::Shm { name: seg.into(), offset },
         nbytes: shape.iter().product::<u64>() * es,
         pid: None,
+        session: None,
     }
 }
 
