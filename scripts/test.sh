@@ -19,6 +19,8 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -c "import msgspec, maturin, numpy, pytest, ziglang" 2>/dev/null || .venv/bin/pip install -q msgspec "maturin>=1.5,<2" numpy pytest ziglang
+# torch from PyPI (its CUDA build runs on CPU with gloo): the torch tests, torchrun, the quick start.
+.venv/bin/python -c "import torch" 2>/dev/null || { echo "== installing torch into .venv"; .venv/bin/pip install -q torch; }
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
@@ -32,13 +34,14 @@ echo "== fuzz targets (host commands, payloads, control JSON, TCP frames), ${TEN
 TENSORBUS_FUZZ_SECS=$TENSORBUS_FUZZ_SECS nice cargo test --locked -p tensorbus-fuzz --test targets -- --nocapture --test-threads 2 2>&1 \
   | grep -E '^(fuzz |test result)'
 nice cargo build --release --locked --bin tensorbus
-echo "== Python package: build the portable abi3 wheel (manylinux2014, linked with zig), install it, run pytest"
+echo "== Python package: build the portable abi3 wheel (manylinux2014, linked with zig; it carries the CLI), install it, run pytest (a fresh venv with only the wheel too)"
 rm -f target/wheels/tensorbus-*.whl
 PATH="$PWD/.venv/bin:$PATH" nice .venv/bin/maturin build --release --locked --zig --compatibility manylinux2014 -o target/wheels
 .venv/bin/pip install -q --force-reinstall --no-deps target/wheels/tensorbus-*.whl
 TENSORBUS_BIN="$PWD/target/release/tensorbus" .venv/bin/python -m pytest -q python/tests
 
-echo "== demo and benchmark smoke runs"
+echo "== demo and benchmark smoke runs (Rust and Python)"
 ./target/release/tensorbus demo --scale 32 --repeat 2 --json >/dev/null
 ./target/release/tensorbus bench all --smoke --out target/bench-smoke >/dev/null
+TENSORBUS_BIN="$PWD/target/release/tensorbus" .venv/bin/python scripts/bench_python.py --smoke >/dev/null
 echo "== all tests passed"

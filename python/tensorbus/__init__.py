@@ -15,13 +15,14 @@ alive and in place while the batch is registered (the handler keeps a reference)
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import _native
 from .errors import TransferError
 from .placement import DeviceMesh, Partial, Replicate, Shard, mesh_shape_and_rank, placement_str
-from .tensors import describe
+from .tensors import describe, shared_fd
 
 __all__ = [
     "TensorBusClient",
@@ -37,7 +38,9 @@ __all__ = [
     "TransferError",
 ]
 
-#: The semaphore-like handle of a command in flight: ``acquire(timeout=None)``, ``name``, ``close()``.
+#: The semaphore of a command in flight, like ``posix_ipc.Semaphore``: ``acquire(timeout=None)``,
+#: ``release()``, ``value``, ``unlink()``, ``name``, ``close()``; ``acquire`` also raises the
+#: command's error.
 Semaphore = _native.Pending
 
 
@@ -46,27 +49,46 @@ def generate_semaphore_name(command_type: str, context_id: str) -> str:
     return _native.generate_semaphore_name(command_type, context_id)
 
 
-def setup_ptrace(agent_pid: int) -> None:
-    """Lets the agent process ``agent_pid`` (and only it) read and write this process's tensors.
+def setup_ptrace(agent_pid: Optional[int] = None) -> None:
+    """Lets this process's agent (and only it) read and write this process's tensors.
 
-    ``TensorBusClient`` calls this for its agent; a kernel without Yama is not an error.
+    As the reference, ``setup_ptrace()`` takes no argument: the agent is the one the launch
+    environment names (``AGENT_RANK``, or ``LOCAL_RANK + AGENT_RANK_OFFSET``), found through its
+    heartbeat; unlike the reference it authorizes that agent's pid, not any process.
+    ``agent_pid`` names the agent explicitly. ``TensorBusClient`` calls this for its agent; a
+    kernel without Yama is not an error.
     """
+    if agent_pid is None:
+        state_path = _native.resolve_bootstrap()[5]
+        agent_pid = _native.agent_pid_at(state_path)
     _native.setup_ptrace(int(agent_pid))
 
 
 class BatchHandler:
     """A registered batch: transfer it repeatedly, query it, release it (also as a context manager)."""
 
-    def __init__(self, client: "TensorBusClient", batch_id: str, pair_names: List[str], owners: List[Any]):
-        self._client = client
+    def __init__(self, client: "TensorBusClient", batch_id: str, pair_names: List[str],
+                 owners: Optional[List[Any]] = None):
+        self._client_ref = weakref.ref(client)
         self.batch_id = batch_id
         self.pair_names = pair_names
-        self._owners = owners  # keeps registered memory alive
+        self._owners = owners or []  # keeps registered memory alive
         self._closed = False
+        #: How the agent reaches each tensor: ``"fd"`` (shared memory it maps: one copy, memory
+        #: to memory), ``"cma"`` (this process's address space, cross-memory attach) or ``"cuda"``.
+        self.memory_paths: List[str] = []
 
     @property
     def client(self) -> "TensorBusClient":
-        return self._client
+        """The client, held weakly as in the reference: RuntimeError once it was collected."""
+        c = self._client_ref()
+        if c is None:
+            raise RuntimeError(f"the TensorBusClient of batch {self.batch_id!r} has been garbage collected")
+        return c
+
+    @property
+    def _client(self) -> "TensorBusClient":
+        return self.client
 
     def transfer(self, transfer_type: str, blocking: bool = False, timeout: float = 30.0) -> Semaphore:
         """Sends (``"send"``) or receives (``"recv"``) every tensor of the batch; returns the
@@ -158,19 +180,23 @@ class TensorBusClient:
         blocks until both sides registered it and agree on shapes and dtypes."""
         if not tensors:
             raise ValueError("register_tensors needs at least one (tensor, pair_name)")
-        items, owners, pairs = [], [], []
+        items, owners, pairs, paths = [], [], [], []
         for i, entry in enumerate(tensors):
             try:
                 t, pair = entry
             except (TypeError, ValueError):
                 raise ValueError(f"tensors[{i}] must be a (tensor, pair_name) tuple") from None
             dtype, shape, strides, addr, nbytes, device, owner = describe(t)
-            items.append((str(pair), dtype, list(shape), list(strides), addr, nbytes, f"{pair}[{i}]", device))
+            fd = shared_fd(owner) if device == "cpu" else None
+            items.append((str(pair), dtype, list(shape), list(strides), addr, nbytes, f"{pair}[{i}]", device, fd))
             owners.append(owner)
+            paths.append("cuda" if device != "cpu" else "fd" if fd else "cma")
             if pair not in pairs:
                 pairs.append(pair)
         self._native.register_tensors(batch_id, items, None if bucket_size is None else int(bucket_size), float(timeout))
-        return BatchHandler(self, batch_id, pairs, owners)
+        handler = BatchHandler(self, batch_id, pairs, owners)
+        handler.memory_paths = paths
+        return handler
 
     def transfer(self, batch_id: str, transfer_type: str, blocking: bool = False, timeout: float = 30.0) -> Semaphore:
         sem = self._native.transfer(batch_id, transfer_type, False, float(timeout))
@@ -198,13 +224,30 @@ class TensorBusClient:
 
 @dataclass(frozen=True)
 class BootstrapInfo:
+    """How a worker found its agent, as the reference reports it: ``method`` is ``"direct"``
+    (``AGENT_RANK``) or ``"offset"`` (``LOCAL_RANK + AGENT_RANK_OFFSET``, with ``rank_offset``
+    set; ``None`` otherwise); ``device`` is ``cuda:{LOCAL_RANK}`` where torch sees CUDA, else
+    ``"cpu"`` (``TENSORBUS_DEVICE`` overrides)."""
+
     agent_rank: int
     global_rank: int
-    rank_offset: int
+    rank_offset: Optional[int]
     device: str
     command_queue_path: str
     state_path: str
     method: str
+
+
+def _default_device() -> str:
+    import sys
+
+    torch = sys.modules.get("torch")  # only if the worker uses torch: never import it here
+    try:
+        if torch is not None and torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    except Exception:
+        pass
+    return "cpu"
 
 
 def bootstrap_client(
@@ -214,9 +257,11 @@ def bootstrap_client(
 
     Paths come from ``path_naming_fn(agent_rank) -> (command_queue_path, state_path)``, else
     ``TENSORBUS_COMMAND_QUEUE_PATH`` / ``TENSORBUS_STATE_PATH``, else
-    ``/tmp/agent_rank{N}_command.lmdb`` and ``/tmp/agent_rank{N}_state.lmdb``.
+    ``{dir}/agent_rank{N}_command.lmdb`` and ``{dir}/agent_rank{N}_state.lmdb`` with ``dir`` the
+    job's directory ``TENSORBUS_JOB`` (what ``tensorbus up --dir`` was given), else ``/tmp``.
     """
-    info = BootstrapInfo(*_native.resolve_bootstrap())
+    agent_rank, global_rank, rank_offset, device, q, s, method = _native.resolve_bootstrap()
+    info = BootstrapInfo(agent_rank, global_rank, rank_offset, device or _default_device(), q, s, method)
     if path_naming_fn is not None:
         q, s = path_naming_fn(info.agent_rank)
         info = BootstrapInfo(info.agent_rank, info.global_rank, info.rank_offset, info.device, str(q), str(s), info.method)

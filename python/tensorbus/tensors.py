@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 _NUMPY_NAMES = {
     "bool": "bool",
@@ -39,6 +39,20 @@ _TYPESTR = {
     "<c8": "complex64",
     "<c16": "complex128",
 }
+
+
+def shared_fd(t: Any) -> Optional[Tuple[int, int, int]]:
+    """``(fd, size, offset)`` of a torch CPU tensor whose storage is in shared memory
+    (``share_memory_()``, torch's default ``file_descriptor`` strategy), else ``None``. The agent
+    takes the descriptor and maps it: one copy per byte, memory to memory."""
+    if not hasattr(t, "is_shared") or t.device.type != "cpu" or not t.is_shared():
+        return None
+    try:
+        st = t.untyped_storage()
+        fd, size = st._share_fd_cpu_()
+    except (AttributeError, RuntimeError):
+        return None  # another sharing strategy: by address instead
+    return int(fd), int(size), int(t.data_ptr()) - int(st.data_ptr())
 
 
 def describe(t: Any) -> Tuple[str, tuple, tuple, int, int, str, Any]:

@@ -29,7 +29,7 @@ def run_flow(job, src_mesh, src_pl, dst_mesh, dst_pl, shapes, dtype=np.float32, 
         p.join(30)
     bad = [r for r in results if not r[2]]
     assert not bad, bad
-    assert all(r[3] == "AGENT_RANK" for r in results)
+    assert all(r[3] == "direct" for r in results)
 
 
 SHAPES = [(37, 16), (8, 5), (64, 3)]
@@ -69,7 +69,7 @@ def test_bootstrap_from_environment(job_factory, monkeypatch):
     monkeypatch.delenv("AGENT_RANK")
     monkeypatch.setenv("LOCAL_RANK", "0")
     client, info = tensorbus.bootstrap_client(connection_timeout=10)
-    assert (info.agent_rank, info.method) == (0, "LOCAL_RANK+AGENT_RANK_OFFSET")
+    assert (info.agent_rank, info.method, info.rank_offset) == (0, "offset", 0)
     assert info.command_queue_path == job.paths(0)[0]
     client, info = tensorbus.bootstrap_client(path_naming_fn=lambda r: job.paths(r), connection_timeout=10)
     assert info.state_path == job.paths(0)[1]
@@ -212,3 +212,34 @@ def test_python_dash_m_forwards_to_the_cli():
 
     out = subprocess.run([sys.executable, "-m", "tensorbus", "--version"], env={**os.environ, "TENSORBUS_BIN": BIN}, capture_output=True, text=True)
     assert out.returncode == 0 and "tensorbus" in out.stdout
+
+
+def test_shared_memory_torch_tensors_are_mapped_by_the_agent(job_factory):
+    """Tensors in shared memory (`share_memory_()`, or `module.share_memory()`) are handed over as
+    file descriptors the agent maps: one copy per byte; others go by address."""
+    torch = pytest.importorskip("torch")
+    from test_reference_api import _pair_and_register
+
+    job = job_factory(2)
+    model = torch.nn.Linear(64, 48)
+    model.share_memory()  # every parameter moved to shared memory, in place
+    src = model.weight.detach()
+    dst = torch.zeros(48, 64).share_memory_()
+    a, b, ha, hb = _pair_and_register(job, src, dst)
+    assert ha.memory_paths == ["fd"] and hb.memory_paths == ["fd"]
+    for step in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        s = ha.transfer("send")
+        hb.transfer("recv", blocking=True)
+        s.acquire(30.0)
+        assert torch.equal(dst, model.weight.detach()), step
+    # A view into shared memory: the offset into its storage travels with the descriptor.
+    big = torch.arange(100, dtype=torch.float32).share_memory_()
+    view = big[40:72]
+    out = torch.zeros(32)
+    a2, b2, h2a, h2b = _pair_and_register(job, view, out, batch="v")  # a plain destination goes by address
+    assert h2a.memory_paths == ["fd"] and h2b.memory_paths == ["cma"]
+    h2a.transfer("send")
+    h2b.transfer("recv", blocking=True)
+    assert torch.equal(out, view)

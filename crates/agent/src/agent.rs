@@ -756,7 +756,15 @@ impl Agent {
 
     /// Checks that a worker's tensor memory exists, is large enough, and is the registering
     /// process's own (`owner`: its session, the kernel's word for its pid).
-    fn check_memory(&mut self, i: usize, d: &TensorDesc, owner: Option<&Session>) -> Result<(), String> {
+    /// `held`: segments already found in the owner's mappings during this registration (a
+    /// process's maps can be long; a batch has many tensors in few segments).
+    fn check_memory(
+        &mut self,
+        i: usize,
+        d: &TensorDesc,
+        owner: Option<&Session>,
+        held: &mut std::collections::HashSet<String>,
+    ) -> Result<(), String> {
         let not_yours = |field: &str, pid: u32, q: u32| {
             format!(
                 "tensor {i}: {field}: pid {pid} is not the registering process (pid {q}); \
@@ -788,15 +796,27 @@ impl Agent {
                     ));
                 }
                 let o = owner.expect("shm needs a session");
-                let held =
-                    cma::holds_file(o.pid, seg.file_id()).map_err(|e| format!("tensor {i}: memory.name: {e}"))?;
-                if !held {
+                if held.contains(name) {
+                    return Ok(());
+                }
+                if !cma::holds_file(o.pid, seg.file_id()).map_err(|e| format!("tensor {i}: memory.name: {e}"))? {
                     return Err(format!(
                         "tensor {i}: memory.name: the registering process (pid {}) has not mapped or opened {name}; \
                          the agent touches only memory its worker holds",
                         o.pid
                     ));
                 }
+                held.insert(name.clone());
+            }
+            Memory::Fd { pid, .. } => {
+                let o = owner.expect("fd needs a session");
+                if *pid != o.pid {
+                    return Err(not_yours("memory.pid", *pid, o.pid));
+                }
+                // Taken from the session's own process: the kernel's word that it holds it.
+                let (seg, offset) =
+                    map_memory(&mut self.segments, &d.memory).map_err(|e| format!("tensor {i}: {e}"))?.expect("mapped");
+                shm_loc(&seg, offset, d.nbytes).map_err(|e| format!("tensor {i}: memory.offset: {e}"))?;
             }
             Memory::Cma { pid, addr } => {
                 let o = owner.expect("cma needs a session");
@@ -837,6 +857,7 @@ impl Agent {
         }
         let mut reg = BatchReg { pairs: vec![], tensors: vec![], bucket_size: c.bucket_size };
         let mut owner: Option<Arc<Session>> = None;
+        let mut held = std::collections::HashSet::new();
         for (i, (pair, payload)) in c.tensors.iter().enumerate() {
             let p = self
                 .pairs
@@ -849,7 +870,7 @@ impl Agent {
             d.validate().map_err(|e| bad(format!("tensor {i}: {e}")))?;
             p.layout.check_ndim(d.shape.len()).map_err(|e| bad(format!("tensor {i}: {e}")))?;
             self.owner_of(i, &d, &mut owner).map_err(bad)?;
-            self.check_memory(i, &d, owner.as_deref()).map_err(bad)?;
+            self.check_memory(i, &d, owner.as_deref(), &mut held).map_err(bad)?;
             // Peers learn the owner's pid, never its token.
             d.session = None;
             if let Some(o) = &owner {
@@ -991,8 +1012,22 @@ impl Agent {
                     metas[1].len()
                 ));
             }
+            // Named by side, in one order on both sides: each side reads the same message.
+            let (l, r) = (&p.side.local_name, &p.side.remote_name);
             for (a, b) in metas[0].iter().zip(&metas[1]) {
-                a.check_matches(b).map_err(|e| e.to_string())?;
+                let ((na, a), (nb, b)) = if l <= r { ((l, a), (r, b)) } else { ((r, b), (l, a)) };
+                if a.shape != b.shape {
+                    return Err(format!(
+                        "tensor {}: global shapes differ between the sides: {na} {:?}, {nb} {:?}",
+                        a.name, a.shape, b.shape
+                    ));
+                }
+                if a.dtype != b.dtype {
+                    return Err(format!(
+                        "tensor {}: dtypes differ between the sides: {na} {}, {nb} {}",
+                        a.name, a.dtype, b.dtype
+                    ));
+                }
             }
         }
         Ok(true)
@@ -1082,22 +1117,14 @@ impl Agent {
     fn retain_segments(&mut self) {
         let mut used = std::collections::HashSet::new();
         for b in self.batches.values() {
-            for t in &b.reg.tensors {
-                if let Memory::Shm { name, .. } = &t.memory {
-                    used.insert(name.clone());
-                }
-            }
+            used.extend(b.reg.tensors.iter().filter_map(|t| segment_key(&t.memory)));
         }
         // Peers' segments that built plans point into.
         for (id, b) in &self.batches {
             if b.exec.is_some() {
                 for ident in self.dir.nodes.values() {
                     if let Some(r) = ident.batches.get(id) {
-                        for t in &r.tensors {
-                            if let Memory::Shm { name, .. } = &t.memory {
-                                used.insert(name.clone());
-                            }
-                        }
+                        used.extend(r.tensors.iter().filter_map(|t| segment_key(&t.memory)));
                     }
                 }
             }
@@ -1142,6 +1169,41 @@ fn map_segment(segments: &mut HashMap<String, Arc<ShmSegment>>, name: &str) -> R
     let s = Arc::new(ShmSegment::open(name).map_err(|e| e.to_string())?);
     segments.insert(name.to_string(), s.clone());
     Ok(s)
+}
+
+/// The cache key of host memory the agent maps: the shared-memory name, or `fd:{pid}:{fd}`.
+fn segment_key(m: &Memory) -> Option<String> {
+    match m {
+        Memory::Shm { name, .. } => Some(name.clone()),
+        Memory::Fd { pid, fd, .. } => Some(format!("fd:{pid}:{fd}")),
+        Memory::Cma { .. } | Memory::CudaIpc { .. } | Memory::CudaFd { .. } => None,
+    }
+}
+
+/// Maps (once, then from the cache) the segment `m` lies in, with the tensor's offset in it;
+/// `None` for memory that is not mapped here (cross-memory attach, GPU memory). A descriptor is
+/// taken from its process each time, so a cached mapping is reused only while that descriptor
+/// still names the same object.
+fn map_memory(
+    segments: &mut HashMap<String, Arc<ShmSegment>>,
+    m: &Memory,
+) -> Result<Option<(Arc<ShmSegment>, u64)>, String> {
+    match m {
+        Memory::Shm { name, offset } => Ok(Some((map_segment(segments, name)?, *offset))),
+        Memory::Fd { pid, fd, size, offset } => {
+            use std::os::unix::fs::MetadataExt;
+            let key = format!("fd:{pid}:{fd}");
+            let file = std::fs::File::from(cma::take_fd(*pid, *fd).map_err(|e| format!("memory.fd: {e}"))?);
+            let meta = file.metadata().map_err(|e| format!("memory.fd: fstat: {e}"))?;
+            if let Some(s) = segments.get(&key).filter(|s| s.file_id() == (meta.dev(), meta.ino())) {
+                return Ok(Some((s.clone(), *offset)));
+            }
+            let seg = Arc::new(ShmSegment::from_fd(&key, file.into(), *size).map_err(|e| format!("memory.fd: {e}"))?);
+            segments.insert(key, seg.clone());
+            Ok(Some((seg, *offset)))
+        }
+        Memory::Cma { .. } | Memory::CudaIpc { .. } | Memory::CudaFd { .. } => Ok(None),
+    }
 }
 
 /// Where `nbytes` at `offset` of a mapped segment start, if they lie inside it.

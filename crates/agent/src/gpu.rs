@@ -55,7 +55,9 @@ impl Gpus {
                 let pieces: Vec<(i32, u64)> = pieces.iter().map(|p| (p.fd, p.size)).collect();
                 gpu.open_fds(*device, *pid, &pieces, *offset, nbytes)
             }
-            Memory::Shm { .. } | Memory::Cma { .. } => unreachable!("host memory is not opened here"),
+            Memory::Shm { .. } | Memory::Cma { .. } | Memory::Fd { .. } => {
+                unreachable!("host memory is not opened here")
+            }
         };
         if gpu.opens() > before {
             tracing::info!(opens = gpu.opens(), "CUDA: opened a worker allocation ({} so far)", gpu.opens());

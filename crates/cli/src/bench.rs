@@ -309,6 +309,7 @@ fn model_batch(smoke: bool) -> Result<Plan, String> {
         timeout: 120.0,
         json: true,
         tensors: 0,
+        shape: None,
         device: "cpu".into(),
     })
 }
@@ -504,7 +505,7 @@ pub struct CrossRow {
 /// into memory the size of the transfer, else from and into one reused 1 MiB buffer.
 fn raw_tcp(
     net: &crate::netns::Netns,
-    exe: &std::path::Path,
+    exe: &[std::ffi::OsString],
     bytes: u64,
     streams: usize,
     whole: bool,
@@ -552,7 +553,7 @@ fn raw_tcp(
 /// `device`: where the workers keep their tensors (`cuda`: the staged GPU path over TCP).
 pub fn cross_host(smoke: bool, device: &str) -> Result<Vec<CrossRow>, String> {
     use std::io::BufRead;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = crate::self_argv()?;
     let net = crate::netns::Netns::new("bx")?;
     let mut node = net
         .command(0, &exe)

@@ -27,13 +27,12 @@ pub enum Ctl {
 
 /// Sends `body` to the command node as controller `ctl:{pid}`; returns its direct answer, if any
 /// arrives within `wait`.
-pub fn send(inbox: &str, body: Body, wait: Duration) -> Result<Option<Message>, String> {
+pub fn send(inbox: &str, secret: Option<&[u8]>, body: Body, wait: Duration) -> Result<Option<Message>, String> {
     let ctx = zmq::Context::new();
     let s = ctx.socket(zmq::DEALER).map_err(|e| e.to_string())?;
     let id = format!("ctl:{}", std::process::id());
     s.set_identity(id.as_bytes()).map_err(|e| e.to_string())?;
-    tensorbus_command::secure::client(&s, tensorbus_command::secure::secret_from_env().as_deref())
-        .map_err(|e| e.to_string())?;
+    tensorbus_command::secure::client(&s, secret).map_err(|e| e.to_string())?;
     s.set_linger(1000).map_err(|e| e.to_string())?;
     s.connect(inbox).map_err(|e| format!("{inbox}: {e}"))?;
     match s.send(Message::new(&id, body).to_json().as_bytes(), zmq::DONTWAIT) {
@@ -48,7 +47,10 @@ pub fn send(inbox: &str, body: Body, wait: Duration) -> Result<Option<Message>, 
     Message::from_json(frames.last().map_or(&[][..], |f| f)).map(Some).map_err(|e| e.to_string())
 }
 
-pub fn run(inbox: &str, c: Ctl) -> Result<(), String> {
+pub fn run(target: &crate::job::Target, c: Ctl) -> Result<(), String> {
+    let inbox = target.inbox.as_str();
+    // Reachable, and this client admitted? (A refused handshake is otherwise silent.)
+    crate::status::query(inbox, target.secret.as_deref(), Duration::from_secs(3))?;
     let (body, answer) = match c {
         Ctl::Process { batch, from } => (
             Body::Process(ProcessValue {
@@ -63,7 +65,7 @@ pub fn run(inbox: &str, c: Ctl) -> Result<(), String> {
         Ctl::Deinit => (Body::Deinit(()), false),
     };
     let wait = Duration::from_millis(if answer { 3000 } else { 300 });
-    match send(inbox, body, wait)? {
+    match send(inbox, target.secret.as_deref(), body, wait)? {
         Some(Message { body: Body::Error(e), .. }) => {
             Err(e.err_args.first().and_then(|a| a.as_str()).unwrap_or("refused").to_string())
         }

@@ -6,7 +6,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,10 @@ pub struct DemoArgs {
     /// Use only the first N tensors of the workload (0 = all).
     #[arg(long, default_value_t = 0)]
     pub tensors: usize,
+    /// Instead of the model's tensors, one tensor of this global shape (e.g. 8192x4096) on the
+    /// given layouts.
+    #[arg(long)]
+    pub shape: Option<String>,
     /// Where the workers keep their shards: cpu (shared memory), cuda (cuMemAlloc, CUDA IPC) or
     /// cuda-vmm (virtual-memory pieces as PyTorch's expandable segments, shared by fd).
     #[arg(long, default_value = "cpu")]
@@ -173,18 +177,30 @@ pub fn build(a: &DemoArgs) -> Result<Plan, String> {
             dst_mesh: dst.mesh().shape().to_vec(),
             dst_placements: fmt_placements(&dst),
         };
-        let tensors = w
-            .tensors
-            .iter()
-            .filter(|t| t.meta.shape.len() >= need)
-            .map(|t| TensorSpec {
-                pair: 0,
-                name: t.meta.name.clone(),
-                shape: t.meta.shape.clone(),
-                dtype: dtype.name().into(),
-            })
-            .collect();
-        (format!("8B-class tensors /{} on one pair", a.scale), vec![pair], tensors)
+        if let Some(shape) = &a.shape {
+            let shape = shape
+                .split('x')
+                .map(|d| d.trim().parse::<u64>().map_err(|_| format!("--shape {shape:?}: use AxBx..., e.g. 8192x4096")))
+                .collect::<Result<Vec<u64>, String>>()?;
+            if shape.len() < need {
+                return Err(format!("--shape {shape:?} has fewer dimensions than the placements shard"));
+            }
+            let t = TensorSpec { pair: 0, name: "w".into(), shape: shape.clone(), dtype: dtype.name().into() };
+            (format!("one {shape:?} tensor"), vec![pair], vec![t])
+        } else {
+            let tensors = w
+                .tensors
+                .iter()
+                .filter(|t| t.meta.shape.len() >= need)
+                .map(|t| TensorSpec {
+                    pair: 0,
+                    name: t.meta.name.clone(),
+                    shape: t.meta.shape.clone(),
+                    dtype: dtype.name().into(),
+                })
+                .collect();
+            (format!("8B-class tensors /{} on one pair", a.scale), vec![pair], tensors)
+        }
     } else {
         let pairs = w
             .pairs
@@ -280,7 +296,6 @@ pub fn run_workers(plan: &Plan, opts: &RunOpts, dir: &std::path::Path, agent_pid
         })
     };
 
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel::<Report>();
     let mut workers = Vec::new();
     for (side, n, first) in [("src", n_src, 0), ("dst", n_dst, n_src)] {
@@ -301,7 +316,7 @@ pub fn run_workers(plan: &Plan, opts: &RunOpts, dir: &std::path::Path, agent_pid
                 check: opts.check,
                 device: opts.device.clone(),
             };
-            let mut child = Command::new(&exe)
+            let mut child = crate::self_command()?
                 .args(["worker", "--spec", &serde_json::to_string(&spec).expect("encodes")])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

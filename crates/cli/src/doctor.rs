@@ -5,7 +5,7 @@
 //! opened in another process — and says what to change when one fails.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde::Serialize;
 
@@ -33,8 +33,7 @@ fn pattern(len: usize) -> Vec<u8> {
 /// Runs `tensorbus doctor-child ARGS` once this process has let it in (`setup_ptrace`), and
 /// returns its `ok` line.
 fn child(args: &[String]) -> Result<String, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut c = Command::new(exe)
+    let mut c = crate::self_command()?
         .arg("doctor-child")
         .args(args)
         .stdin(Stdio::piped())

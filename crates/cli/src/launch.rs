@@ -1,7 +1,7 @@
 //! Starting the pieces of a one-host job: an embedded command node and agent processes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,11 +62,10 @@ impl Agents {
         copy_threads: usize,
         quiet: bool,
     ) -> Result<Self, String> {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut children = Vec::new();
         for rank in first..first + n {
             let (q, s) = agent_paths(dir, rank);
-            let child = Command::new(&exe)
+            let child = crate::self_command()?
                 .args([
                     "agent",
                     "--rank",

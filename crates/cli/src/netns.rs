@@ -38,9 +38,10 @@ impl Netns {
     }
 
     /// `program` run inside host `host`'s namespace.
-    pub fn command(&self, host: usize, program: &std::path::Path) -> Command {
+    /// `argv` (a program and its first words) run inside host `host`'s namespace.
+    pub fn command(&self, host: usize, argv: &[std::ffi::OsString]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns[host]]).arg(program);
+        c.args(["netns", "exec", &self.ns[host]]).args(argv);
         c
     }
 }

@@ -102,10 +102,14 @@ fn sides_that_disagree_on_shape_or_dtype_both_fail() {
         let h = s.spawn(|| a.register_tensors("w", &ta, None, T).err());
         let eb = b.register_tensors("w", &tb, None, T).err().unwrap();
         assert!(eb.to_string().contains("global shapes differ"), "{eb}");
-        h.join().unwrap().unwrap()
+        (h.join().unwrap().unwrap(), eb.to_string())
     });
+    let (ea, eb_shape) = ea;
     assert_eq!(remote_kind(&ea), Some(ErrorKind::ValueError));
-    assert!(ea.to_string().contains("source [8, 4], destination [8, 5]") || ea.to_string().contains("[8, 5]"), "{ea}");
+    // Both sides name each side's shape the same way, whichever side reads it.
+    for e in [ea.to_string(), eb_shape.clone()] {
+        assert!(e.contains("inference [8, 5], trainer [8, 4]"), "{e}");
+    }
     // Dtypes.
     let mut d = desc(&name, 256, &[8, 4]);
     d.dtype = "int32".into();
@@ -113,8 +117,10 @@ fn sides_that_disagree_on_shape_or_dtype_both_fail() {
     std::thread::scope(|s| {
         let h = s.spawn(|| a.register_tensors("w2", &ta, None, T).err());
         let eb = b.register_tensors("w2", &tb, None, T).err().unwrap();
-        assert!(eb.to_string().contains("dtypes differ"), "{eb}");
-        assert!(h.join().unwrap().is_some());
+        // The destination (inference, int32) names the sides the right way round.
+        assert!(eb.to_string().contains("dtypes differ between the sides: inference int32, trainer float32"), "{eb}");
+        let ea = h.join().unwrap().expect("the other side fails too");
+        assert!(ea.to_string().contains("inference int32, trainer float32"), "{ea}");
     });
     drop(seg);
     ShmSegment::unlink(&name);

@@ -262,10 +262,10 @@ fn the_command_node_answers_only_peers_with_the_secret() {
     };
     let ok = status(SECRET);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    for wrong in ["guess", ""] {
+    for (wrong, why) in [("guess", "refused this client's job secret"), ("", "requires the job secret")] {
         let out = status(wrong);
         assert!(!out.status.success(), "answered a peer with secret {wrong:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("no command node answered"), "{err}");
+        assert!(err.contains(why) && err.contains(&ep.0), "{err}");
     }
 }

@@ -124,6 +124,30 @@ fn memory_of_another_process_is_refused_and_the_agent_keeps_serving() {
     assert!(e.contains("memory.name") && e.contains("has not mapped or opened"), "{e}");
     ShmSegment::unlink(&loose);
 
+    // Shared memory by descriptor: only the registering process's own descriptors are taken.
+    let mut d = shm_desc(&name, 0, &[4], "float32");
+    d.memory = Memory::Fd { pid: other.id(), fd: 0, size: 16, offset: 0 };
+    let e = refused(&a, "w", d.clone());
+    assert!(e.contains("memory.pid") && e.contains("not the registering process"), "{e}");
+    d.memory = Memory::Fd { pid: std::process::id(), fd: 1 << 20, size: 16, offset: 0 };
+    let e = refused(&a, "w", d.clone());
+    assert!(e.contains("memory.fd") && e.contains("pidfd_getfd"), "{e}");
+    d.memory = Memory::Fd { pid: std::process::id(), fd: 3, size: 16, offset: u64::MAX - 3 };
+    let e = refused(&a, "w", d.clone());
+    assert!(e.contains("memory.offset") && e.contains("wraps around"), "{e}");
+    // A descriptor that is not shared memory (a pipe) is refused.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe() fills two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    d.memory = Memory::Fd { pid: std::process::id(), fd: fds[0], size: 16, offset: 0 };
+    let e = refused(&a, "w", d);
+    assert!(e.contains("memory.fd") && e.contains("not shared memory"), "{e}");
+    // SAFETY: our own descriptors.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+
     // Commands that skip the session or forge a token, written by hand.
     let raw = |d: &TensorDesc| {
         let sem = generate_semaphore_name("RegisterTensors", "raw");

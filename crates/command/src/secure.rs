@@ -71,6 +71,89 @@ impl Zap {
     }
 }
 
+/// Why a client's connection to a job's server failed its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HandshakeFailure {
+    /// The server's authentication refused the token (a wrong secret).
+    Refused,
+    /// Client and server disagree on the mechanism: one of them has a secret, the other not.
+    MechanismMismatch,
+    /// Some other handshake failure.
+    Other,
+}
+
+/// Watches a client socket's handshakes (a ZeroMQ socket monitor), so a tool can say why a
+/// server did not answer instead of only that it did not.
+pub struct HandshakeWatch {
+    events: zmq::Socket,
+    /// The most telling failure so far (a client reconnects, and later attempts may fail with
+    /// less detail than the first).
+    worst: std::cell::Cell<Option<HandshakeFailure>>,
+}
+
+impl HandshakeWatch {
+    /// Starts watching `s`; call before `s` connects.
+    pub fn start(ctx: &zmq::Context, s: &zmq::Socket) -> Result<HandshakeWatch, zmq::Error> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let ep = format!(
+            "inproc://tb-handshake-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mask = zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32;
+        s.monitor(&ep, mask)?;
+        let events = ctx.socket(zmq::PAIR)?;
+        events.connect(&ep)?;
+        Ok(HandshakeWatch { events, worst: std::cell::Cell::new(None) })
+    }
+
+    /// The most telling handshake failure reported so far: a refusal, else a mechanism mismatch,
+    /// else any other.
+    pub fn failure(&self) -> Option<HandshakeFailure> {
+        let mut last = self.worst.get();
+        while let Ok(frames) = self.events.recv_multipart(zmq::DONTWAIT) {
+            // First frame: the event (u16) and its value (u32), native byte order.
+            let Some(ev) = frames.first().filter(|f| f.len() >= 2) else { continue };
+            let ev = u16::from_ne_bytes([ev[0], ev[1]]) as i32;
+            let f = if ev == zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32 {
+                HandshakeFailure::Refused
+            } else if ev == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32 {
+                HandshakeFailure::MechanismMismatch
+            } else {
+                HandshakeFailure::Other
+            };
+            last = Some(last.map_or(f, |l: HandshakeFailure| l.min(f)));
+        }
+        self.worst.set(last);
+        last
+    }
+
+    /// Why the server at `endpoint` did not answer a client with (or without) a secret, if a
+    /// handshake said so.
+    pub fn explain(&self, endpoint: &str, had_secret: bool) -> Option<String> {
+        Some(match (self.failure()?, had_secret) {
+            (HandshakeFailure::Refused, _) => format!(
+                "the command node at {endpoint} refused this client's job secret: it is not this job's \
+                 (check TENSORBUS_SECRET, or --job DIR / TENSORBUS_JOB for a job started with `tensorbus up --dir DIR`)"
+            ),
+            // A server that detects the mismatch first closes the connection (EPIPE, no detail).
+            (HandshakeFailure::MechanismMismatch | HandshakeFailure::Other, false) => format!(
+                "the command node at {endpoint} requires the job secret and this client has none: on the job's host \
+                 pass --job DIR (or set TENSORBUS_JOB=DIR) where `tensorbus up --dir DIR` runs, elsewhere set TENSORBUS_SECRET"
+            ),
+            (HandshakeFailure::MechanismMismatch, true) => format!(
+                "the command node at {endpoint} runs without a job secret but this client presented one (unset TENSORBUS_SECRET)"
+            ),
+            (HandshakeFailure::Other, true) => format!(
+                "the command node at {endpoint} closed the connection during the handshake: its job secret differs \
+                 from this client's, or it has none"
+            ),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +189,42 @@ mod tests {
             }
         }
         false
+    }
+
+    #[test]
+    fn a_refused_client_learns_why() {
+        for (server_secret, client_secret, expect) in [
+            (Some(&b"s3cret"[..]), Some(&b"guess"[..]), HandshakeFailure::Refused),
+            (Some(b"s3cret"), None, HandshakeFailure::MechanismMismatch),
+            (None, Some(b"s3cret"), HandshakeFailure::MechanismMismatch),
+        ] {
+            let ctx = zmq::Context::new();
+            let zap = Zap::start(&ctx, server_secret).unwrap();
+            let r = ctx.socket(zmq::ROUTER).unwrap();
+            server(&r, server_secret).unwrap();
+            r.bind("tcp://127.0.0.1:*").unwrap();
+            let ep = r.get_last_endpoint().unwrap().unwrap();
+            let d = ctx.socket(zmq::DEALER).unwrap();
+            client(&d, client_secret).unwrap();
+            d.set_linger(0).unwrap();
+            let watch = HandshakeWatch::start(&ctx, &d).unwrap();
+            d.connect(&ep).unwrap();
+            d.send(&b"hello"[..], 0).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            let mut seen = None;
+            while seen.is_none() && std::time::Instant::now() < deadline {
+                if let Some(z) = &zap {
+                    let mut items = [z.poll_item()];
+                    if zmq::poll(&mut items, 20).unwrap() > 0 {
+                        z.handle();
+                    }
+                } else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                seen = watch.failure();
+            }
+            assert_eq!(seen, Some(expect), "server {server_secret:?} client {client_secret:?}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn tensor_seeds() -> Vec<TensorDesc> {
     vec![
         desc(Memory::Shm { name: "/tb-seg".into(), offset: 4096 }, "float32", vec![8, 4]),
         desc(Memory::Cma { pid: 4242, addr: 0x7f00_0000_0000 }, "bfloat16", vec![3, 5, 7]),
+        desc(Memory::Fd { pid: 4242, fd: 7, size: 1 << 20, offset: 64 }, "float32", vec![16, 16]),
         desc(Memory::CudaIpc { device: 0, handle: vec![7; 64], alloc_size: 1 << 21, offset: 512 }, "float16", vec![64]),
         desc(
             Memory::CudaFd {
@@ -54,7 +55,10 @@ fn check_tensor(bytes: &[u8]) {
     assert_eq!(numel * dtype.size() as u128, d.nbytes as u128, "accepted nbytes that lies: {d:?}");
     assert!(tensorbus_planner::is_contiguous(&d.shape, &d.strides), "accepted strides {d:?}");
     let (start, end) = match &d.memory {
-        Memory::Shm { offset, .. } | Memory::CudaIpc { offset, .. } | Memory::CudaFd { offset, .. } => (*offset, None),
+        Memory::Shm { offset, .. }
+        | Memory::Fd { offset, .. }
+        | Memory::CudaIpc { offset, .. }
+        | Memory::CudaFd { offset, .. } => (*offset, None),
         Memory::Cma { addr, .. } => (*addr, None::<u64>),
     };
     let _ = end;

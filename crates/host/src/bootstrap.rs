@@ -4,14 +4,23 @@ use std::path::PathBuf;
 
 use crate::HostError;
 
-/// Default command queue path of agent `rank`.
-pub fn default_command_queue_path(rank: usize) -> PathBuf {
-    PathBuf::from(format!("/tmp/agent_rank{rank}_command.lmdb"))
+/// The directory of this host's job: `TENSORBUS_JOB` (where `tensorbus up --dir DIR` writes its
+/// files and job file), else `/tmp`.
+pub fn job_dir() -> PathBuf {
+    match std::env::var_os("TENSORBUS_JOB") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from("/tmp"),
+    }
 }
 
-/// Default state store path of agent `rank`.
+/// Default command queue path of agent `rank`: `{job_dir}/agent_rank{rank}_command.lmdb`.
+pub fn default_command_queue_path(rank: usize) -> PathBuf {
+    job_dir().join(format!("agent_rank{rank}_command.lmdb"))
+}
+
+/// Default state store path of agent `rank`: `{job_dir}/agent_rank{rank}_state.lmdb`.
 pub fn default_state_path(rank: usize) -> PathBuf {
-    PathBuf::from(format!("/tmp/agent_rank{rank}_state.lmdb"))
+    job_dir().join(format!("agent_rank{rank}_state.lmdb"))
 }
 
 /// How a worker found its agent.
@@ -20,11 +29,15 @@ pub struct BootstrapInfo {
     pub agent_rank: usize,
     /// `RANK` when set, else the agent rank.
     pub global_rank: usize,
-    pub rank_offset: usize,
-    pub device: String,
+    /// `AGENT_RANK_OFFSET` when the rank was computed from it (method `"offset"`), else `None`.
+    pub rank_offset: Option<usize>,
+    /// `TENSORBUS_DEVICE` when set; else the Python layer picks `cuda:{LOCAL_RANK}` where CUDA
+    /// is available, and `cpu` otherwise.
+    pub device: Option<String>,
     pub command_queue_path: PathBuf,
     pub state_path: PathBuf,
-    /// `"AGENT_RANK"` or `"LOCAL_RANK+AGENT_RANK_OFFSET"`.
+    /// As the reference names it: `"direct"` (from `AGENT_RANK`) or `"offset"` (`LOCAL_RANK +
+    /// AGENT_RANK_OFFSET`).
     pub method: String,
 }
 
@@ -45,10 +58,16 @@ pub fn resolve(
                 .map_err(|_| HostError::Bootstrap(format!("{k}={v:?} is not a non-negative integer"))),
         }
     };
-    let rank_offset = num("AGENT_RANK_OFFSET")?.unwrap_or(0);
-    let (agent_rank, method) = match (num("AGENT_RANK")?, num("LOCAL_RANK")?) {
-        (Some(r), _) => (r, "AGENT_RANK"),
-        (None, Some(l)) => (l + rank_offset, "LOCAL_RANK+AGENT_RANK_OFFSET"),
+    let offset = num("AGENT_RANK_OFFSET")?;
+    let (agent_rank, method, rank_offset) = match (num("AGENT_RANK")?, num("LOCAL_RANK")?) {
+        (Some(r), _) => (r, "direct", None),
+        (None, Some(l)) => {
+            let o = offset.unwrap_or(0);
+            let r = l
+                .checked_add(o)
+                .ok_or_else(|| HostError::Bootstrap(format!("LOCAL_RANK {l} + AGENT_RANK_OFFSET {o} is not a rank")))?;
+            (r, "offset", Some(o))
+        }
         (None, None) => {
             return Err(HostError::Bootstrap(
                 "set AGENT_RANK, or LOCAL_RANK (plus AGENT_RANK_OFFSET), to say which agent to use".into(),
@@ -68,7 +87,7 @@ pub fn resolve(
         agent_rank,
         global_rank: num("RANK")?.unwrap_or(agent_rank),
         rank_offset,
-        device: env("TENSORBUS_DEVICE").unwrap_or_else(|| "cpu".into()),
+        device: env("TENSORBUS_DEVICE"),
         command_queue_path,
         state_path,
         method: method.into(),
@@ -100,7 +119,7 @@ mod tests {
     #[test]
     fn agent_rank_wins_over_local_rank() {
         let i = resolve(env(&[("AGENT_RANK", "3"), ("LOCAL_RANK", "1"), ("RANK", "9")]), None).unwrap();
-        assert_eq!((i.agent_rank, i.global_rank, i.method.as_str()), (3, 9, "AGENT_RANK"));
+        assert_eq!((i.agent_rank, i.global_rank, i.method.as_str(), i.rank_offset), (3, 9, "direct", None));
         assert_eq!(i.command_queue_path, PathBuf::from("/tmp/agent_rank3_command.lmdb"));
         assert_eq!(i.state_path, PathBuf::from("/tmp/agent_rank3_state.lmdb"));
     }
@@ -108,7 +127,7 @@ mod tests {
     #[test]
     fn local_rank_plus_offset() {
         let i = resolve(env(&[("LOCAL_RANK", "1"), ("AGENT_RANK_OFFSET", "4")]), None).unwrap();
-        assert_eq!((i.agent_rank, i.rank_offset, i.global_rank), (5, 4, 5));
+        assert_eq!((i.agent_rank, i.rank_offset, i.global_rank, i.method.as_str()), (5, Some(4), 5, "offset"));
         let naming = |r: usize| (PathBuf::from(format!("/x/q{r}")), PathBuf::from(format!("/x/s{r}")));
         let i = resolve(env(&[("LOCAL_RANK", "2")]), Some(&naming)).unwrap();
         assert_eq!(i.command_queue_path, PathBuf::from("/x/q2"));

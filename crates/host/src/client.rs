@@ -222,6 +222,37 @@ impl Pending {
     pub fn is_done(&self) -> bool {
         self.result.is_some()
     }
+
+    /// Posts the semaphore (as `posix_ipc`'s `release`). The semaphore is then never reused for
+    /// another command.
+    pub fn release(&mut self) -> Result<(), HostError> {
+        self.consumed = false;
+        self.sem.as_ref().expect("present until drop").post()
+    }
+
+    /// The semaphore's current count.
+    pub fn value(&self) -> i32 {
+        self.sem.as_ref().expect("present until drop").value()
+    }
+
+    /// Removes the semaphore's name now (it is never reused).
+    pub fn unlink(&mut self) {
+        self.consumed = false;
+        Semaphore::unlink(self.name());
+    }
+}
+
+/// The pid of the live agent whose state store is at `state_path`.
+pub fn agent_pid_at(state_path: &Path) -> Result<u32, HostError> {
+    let state = StateStore::open(state_path)?;
+    let hb = state
+        .get(keys::HEARTBEAT)?
+        .and_then(|b| Heartbeat::decode(&b))
+        .ok_or_else(|| HostError::NoAgent(format!("no agent heartbeat in {}", state_path.display())))?;
+    if !hb.alive || !crate::pid_alive(hb.pid) {
+        return Err(HostError::AgentDied { node_id: hb.node_id, pid: hb.pid, reason: "it is not running".into() });
+    }
+    Ok(hb.pid)
 }
 
 impl Drop for Pending {
@@ -365,7 +396,11 @@ impl TensorBusClient {
                         // namespace): name ourselves as its kernel does.
                         let me = std::process::id();
                         match &mut d.memory {
-                            Memory::Cma { pid: p, .. } | Memory::CudaFd { pid: p, .. } if *p == me => *p = pid,
+                            Memory::Cma { pid: p, .. } | Memory::CudaFd { pid: p, .. } | Memory::Fd { pid: p, .. }
+                                if *p == me =>
+                            {
+                                *p = pid
+                            }
                             _ => {}
                         }
                         if d.pid.is_none_or(|p| p == me) {

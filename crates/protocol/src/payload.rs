@@ -92,6 +92,10 @@ pub enum Memory {
     Shm { name: String, offset: u64 },
     /// The worker's own address space: read or written with cross-memory attach.
     Cma { pid: u32, addr: u64 },
+    /// Shared memory the worker holds open as descriptor `fd` (e.g. a torch storage after
+    /// `share_memory_()`): agents take it with `pidfd_getfd` from process `pid`, map its `size`
+    /// bytes and copy once, memory to memory. The tensor starts `offset` bytes in.
+    Fd { pid: u32, fd: i32, size: u64, offset: u64 },
     /// CUDA memory from `cuMemAlloc` (PyTorch's default allocator): the 64-byte legacy IPC handle
     /// of the allocation (`cuIpcGetMemHandle` of its base), `alloc_size` bytes long, the tensor
     /// `offset` bytes into it. Agents open each handle once and keep it open.
@@ -122,6 +126,7 @@ impl Memory {
         match self {
             Memory::Shm { .. } => "shm",
             Memory::Cma { .. } => "cma",
+            Memory::Fd { .. } => "fd",
             Memory::CudaIpc { .. } => "cudaipc",
             Memory::CudaFd { .. } => "cudafd",
         }
@@ -131,7 +136,7 @@ impl Memory {
     pub fn cuda_device(&self) -> Option<u32> {
         match self {
             Memory::CudaIpc { device, .. } | Memory::CudaFd { device, .. } => Some(*device),
-            Memory::Shm { .. } | Memory::Cma { .. } => None,
+            Memory::Shm { .. } | Memory::Cma { .. } | Memory::Fd { .. } => None,
         }
     }
 }
@@ -222,6 +227,17 @@ impl TensorDesc {
                     .checked_add(self.nbytes)
                     .ok_or_else(|| field("memory.offset", format!("{offset} + {} bytes wraps around", self.nbytes)))?;
             }
+            Memory::Fd { size, offset, .. } => {
+                let end = offset
+                    .checked_add(self.nbytes)
+                    .ok_or_else(|| field("memory.offset", format!("{offset} + {} bytes wraps around", self.nbytes)))?;
+                if end > *size {
+                    return Err(field(
+                        "memory.offset",
+                        format!("bytes [{offset}, {end}) lie outside the {size} bytes of the shared memory"),
+                    ));
+                }
+            }
             Memory::Cma { addr, .. } => {
                 addr.checked_add(self.nbytes)
                     .ok_or_else(|| field("memory.addr", format!("{addr:#x} + {} bytes wraps around", self.nbytes)))?;
@@ -253,7 +269,7 @@ impl TensorDesc {
                 }
             }
         }
-        let cpu = matches!(self.memory, Memory::Shm { .. } | Memory::Cma { .. });
+        let cpu = matches!(self.memory, Memory::Shm { .. } | Memory::Cma { .. } | Memory::Fd { .. });
         if cpu != (self.device == "cpu") {
             return Err(field(
                 "device",

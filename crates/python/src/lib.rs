@@ -84,7 +84,36 @@ impl Pending {
     fn close(&self) {
         self.inner.lock().unwrap().take();
     }
+
+    /// Posts the semaphore, as `posix_ipc.Semaphore.release`: the next `acquire` of another
+    /// holder of the name returns at once. This handle's command result is unchanged.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        match self.inner.lock().unwrap().as_mut() {
+            Some(p) => p.release().map_err(|e| to_py(py, e)),
+            None => Err(PyValueError::new_err("the semaphore was closed")),
+        }
+    }
+
+    /// The semaphore's current count, as `posix_ipc.Semaphore.value`.
+    #[getter]
+    fn value(&self) -> PyResult<i32> {
+        match self.inner.lock().unwrap().as_ref() {
+            Some(p) => Ok(p.value()),
+            None => Err(PyValueError::new_err("the semaphore was closed")),
+        }
+    }
+
+    /// Removes the semaphore's name, as `posix_ipc.Semaphore.unlink`.
+    fn unlink(&self) {
+        if let Some(p) = self.inner.lock().unwrap().as_mut() {
+            p.unlink();
+        }
+    }
 }
+
+/// `(pair, dtype, shape, strides, address, nbytes, name, device, (fd, size, offset) of shared
+/// memory or None)`, as `tensorbus.TensorBusClient.register_tensors` describes a tensor.
+type RegisteredTensor = (String, String, Vec<u64>, Vec<u64>, u64, u64, Option<String>, String, Option<(i32, u64, u64)>);
 
 #[pyclass(module = "tensorbus._native")]
 struct Client {
@@ -172,7 +201,7 @@ impl Client {
         &self,
         py: Python<'_>,
         batch_id: &str,
-        tensors: Vec<(String, String, Vec<u64>, Vec<u64>, u64, u64, Option<String>, String)>,
+        tensors: Vec<RegisteredTensor>,
         bucket_size: Option<u64>,
         timeout: f64,
     ) -> PyResult<()> {
@@ -180,9 +209,11 @@ impl Client {
         let pid = std::process::id();
         let descs: Vec<(TensorDesc, String)> = tensors
             .into_iter()
-            .map(|(pair, dtype, shape, strides, addr, nbytes, name, device)| {
+            .map(|(pair, dtype, shape, strides, addr, nbytes, name, device, fd)| {
                 let (memory, device) = if device.starts_with("cuda") {
                     client::cuda_memory(addr, nbytes).map_err(|e| PyValueError::new_err(e.to_string()))?
+                } else if let Some((fd, size, offset)) = fd {
+                    (Memory::Fd { pid, fd, size, offset }, "cpu".into())
                 } else {
                     (Memory::Cma { pid, addr }, "cpu".into())
                 };
@@ -247,8 +278,10 @@ fn setup_ptrace(agent_pid: u32) -> PyResult<()> {
 
 /// `(agent_rank, global_rank, rank_offset, device, command_queue_path, state_path, method)` from
 /// the process environment.
+type BootstrapTuple = (usize, usize, Option<usize>, Option<String>, String, String, String);
+
 #[pyfunction]
-fn resolve_bootstrap() -> PyResult<(usize, usize, usize, String, String, String, String)> {
+fn resolve_bootstrap() -> PyResult<BootstrapTuple> {
     let i = tensorbus_host::bootstrap::resolve(|k| std::env::var(k).ok(), None)
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok((
@@ -262,6 +295,27 @@ fn resolve_bootstrap() -> PyResult<(usize, usize, usize, String, String, String,
     ))
 }
 
+/// The pid of the live agent whose state store is at `state_path` (for `setup_ptrace()`).
+#[pyfunction]
+fn agent_pid_at(py: Python<'_>, state_path: &str) -> PyResult<u32> {
+    tensorbus_host::client::agent_pid_at(std::path::Path::new(state_path)).map_err(|e| to_py(py, e))
+}
+
+/// Decodes host-command bytes with the agent's own decoder and encodes them again (for tests of
+/// `tensorbus.commands`' byte identity).
+#[pyfunction]
+fn roundtrip_command(py: Python<'_>, data: &[u8]) -> PyResult<pyo3::Py<pyo3::types::PyBytes>> {
+    let c = tensorbus_protocol::host::Command::decode(data).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(pyo3::types::PyBytes::new(py, &c.encode()).unbind())
+}
+
+/// Runs the `tensorbus` command-line tool on `argv` (program name first) in this process, without
+/// the GIL, and returns its exit status: the wheel's `tensorbus` command.
+#[pyfunction]
+fn cli(py: Python<'_>, argv: Vec<String>) -> i32 {
+    py.detach(|| tensorbus_cli::main(argv.into_iter().map(Into::into).collect()))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
@@ -269,5 +323,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(generate_semaphore_name, m)?)?;
     m.add_function(wrap_pyfunction!(setup_ptrace, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_bootstrap, m)?)?;
+    m.add_function(wrap_pyfunction!(cli, m)?)?;
+    m.add_function(wrap_pyfunction!(agent_pid_at, m)?)?;
+    m.add_function(wrap_pyfunction!(roundtrip_command, m)?)?;
     Ok(())
 }

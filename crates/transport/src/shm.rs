@@ -79,6 +79,30 @@ impl ShmSegment {
         Self::map(name, fd, st.st_size as usize, libc::MAP_POPULATE)
     }
 
+    /// Maps shared memory given as a descriptor (taken from a worker with
+    /// [`crate::cma::take_fd`]), its whole size; `label` names it in messages. Refuses an object
+    /// smaller than `at_least` bytes.
+    pub fn from_fd(label: &str, fd: std::os::fd::OwnedFd, at_least: u64) -> Result<Self, TransportError> {
+        use std::os::fd::IntoRawFd;
+        let fd = fd.into_raw_fd();
+        // SAFETY: fstat into a zeroed struct on a valid fd.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            let e = os_err("fstat", label);
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
+        if (st.st_mode & libc::S_IFMT) != libc::S_IFREG || (st.st_size as u64) < at_least {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(fd) };
+            return Err(TransportError::NoSuchMemory(format!(
+                "{label}: not shared memory of at least {at_least} bytes ({} bytes)",
+                st.st_size
+            )));
+        }
+        Self::map(label, fd, st.st_size as usize, libc::MAP_POPULATE)
+    }
+
     fn map(name: &str, fd: libc::c_int, len: usize, extra: libc::c_int) -> Result<Self, TransportError> {
         // SAFETY: fstat into a zeroed struct on a valid fd.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };

@@ -122,9 +122,9 @@ impl Agent {
                 Memory::CudaIpc { .. } | Memory::CudaFd { .. } => {
                     (self.gpus.locate(&d.memory, d.nbytes)?.expect("device"), None)
                 }
-                Memory::Shm { name, offset } => {
-                    let seg = self.map_segment(name)?;
-                    (super::shm_loc(&seg, *offset, d.nbytes)?, Some(seg))
+                Memory::Shm { .. } | Memory::Fd { .. } => {
+                    let (seg, offset) = map_memory(&mut self.segments, &d.memory)?.expect("mapped");
+                    (super::shm_loc(&seg, offset, d.nbytes)?, Some(seg))
                 }
                 Memory::Cma { pid, addr } => (Loc::Remote { pid: *pid, addr: *addr }, None),
             };

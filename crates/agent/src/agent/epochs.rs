@@ -210,9 +210,11 @@ impl Agent {
                     Memory::CudaIpc { .. } | Memory::CudaFd { .. } => {
                         gpus.locate(&d.memory, d.nbytes).map_err(|e| format!("{id}: tensor {k}: {e}"))?.expect("device")
                     }
-                    Memory::Shm { name, offset } => {
-                        let seg = map_segment(segments, name)?;
-                        super::shm_loc(&seg, *offset, d.nbytes).map_err(|e| format!("{id}: tensor {k}: {e}"))?
+                    Memory::Shm { .. } | Memory::Fd { .. } => {
+                        let (seg, offset) = map_memory(segments, &d.memory)
+                            .map_err(|e| format!("{id}: tensor {k}: {e}"))?
+                            .expect("mapped");
+                        super::shm_loc(&seg, offset, d.nbytes).map_err(|e| format!("{id}: tensor {k}: {e}"))?
                     }
                     Memory::Cma { pid, addr } => Loc::Remote { pid: *pid, addr: *addr },
                 };
