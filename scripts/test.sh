@@ -18,7 +18,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   python3 -m venv .venv
 fi
-.venv/bin/python -c "import msgspec, maturin, numpy, pytest, ziglang" 2>/dev/null || .venv/bin/pip install -q msgspec "maturin>=1.5,<2" numpy pytest ziglang
+.venv/bin/python -c "import msgspec, maturin, numpy, pytest, ziglang, lmdb, posix_ipc" 2>/dev/null \
+  || .venv/bin/pip install -q msgspec "maturin>=1.5,<2" numpy pytest ziglang lmdb posix-ipc
 # torch from PyPI (its CUDA build runs on CPU with gloo): the torch tests, torchrun, the quick start.
 .venv/bin/python -c "import torch" 2>/dev/null || { echo "== installing torch into .venv"; .venv/bin/pip install -q torch; }
 

@@ -1,8 +1,11 @@
 //! The LMDB files an agent owns: the bounded command queue (many producers, one consumer) and the
 //! state store (pair and batch states, per-command results, the heartbeat).
+//!
+//! The files are in LMDB's released 0.9 format (`lmdb-rkv-sys` builds LMDB 0.9.24 from source;
+//! `.cargo/config.toml` keeps it from linking a system liblmdb), so any stock LMDB binding —
+//! py-lmdb, as the reference client uses — opens a live agent's queue and state store.
 
-use heed::types::Bytes;
-use heed::{Database, Env, EnvFlags, EnvOpenOptions};
+use lmdb::{Cursor, Database, DatabaseFlags, Environment, EnvironmentFlags, Transaction, WriteFlags};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -17,8 +20,8 @@ const MAP_SIZE: usize = 1 << 30;
 /// An open LMDB environment and its database, shared by every queue or store of one path in
 /// this process (LMDB allows one open per path and process).
 struct Handle {
-    env: Env,
-    db: Database<Bytes, Bytes>,
+    env: Environment,
+    db: Database,
     ino: u64,
 }
 
@@ -43,23 +46,24 @@ fn open_env(path: &Path, create: bool) -> Result<Arc<Handle>, HostError> {
             )));
         }
     }
-    let lmdb = |e: heed::Error| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() };
-    let mut opts = EnvOpenOptions::new();
-    opts.map_size(MAP_SIZE).max_dbs(1);
-    // SAFETY: the flags only change the file layout and durability; each path is opened once per process
-    // (shared through OPEN).
-    let env = unsafe {
-        // NO_SYNC: the queue and state are for live processes; a crashed process leaves committed
-        // transactions intact in the page cache, and nothing here must survive an OS crash, so an
-        // fsync per command would only cost milliseconds. WRITE_MAP: commits write straight into
-        // the shared mapping instead of through pwrite calls.
-        opts.flags(EnvFlags::NO_SUB_DIR | EnvFlags::NO_SYNC | EnvFlags::NO_META_SYNC | EnvFlags::WRITE_MAP);
-        opts.open(path)
-    }
-    .map_err(lmdb)?;
-    let mut w = env.write_txn().map_err(lmdb)?;
-    let db: Database<Bytes, Bytes> = env.create_database(&mut w, None).map_err(lmdb)?;
-    w.commit().map_err(lmdb)?;
+    let lmdb = |e: lmdb::Error| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() };
+    // NO_SYNC: the queue and state are for live processes; a crashed process leaves committed
+    // transactions intact in the page cache, and nothing here must survive an OS crash, so an
+    // fsync per command would only cost milliseconds. WRITE_MAP: commits write straight into
+    // the shared mapping instead of through pwrite calls. Each path is opened once per process
+    // (shared through OPEN), as LMDB requires.
+    let env = Environment::new()
+        .set_flags(
+            EnvironmentFlags::NO_SUB_DIR
+                | EnvironmentFlags::NO_SYNC
+                | EnvironmentFlags::NO_META_SYNC
+                | EnvironmentFlags::WRITE_MAP,
+        )
+        .set_map_size(MAP_SIZE)
+        .set_max_dbs(1)
+        .open_with_permissions(path, 0o600)
+        .map_err(lmdb)?;
+    let db = env.create_db(None, DatabaseFlags::empty()).map_err(lmdb)?;
     let h = Arc::new(Handle { env, db, ino: ino(path) });
     open.insert(path.to_path_buf(), Arc::downgrade(&h));
     Ok(h)
@@ -82,8 +86,25 @@ fn sem_names(path: &Path, owner: u32) -> (String, String) {
     (format!("/tensorbus-q{h:016x}-{owner}-items"), format!("/tensorbus-q{h:016x}-{owner}-free"))
 }
 
-fn u64_at(db: &Database<Bytes, Bytes>, txn: &heed::RoTxn, key: &str) -> Result<u64, heed::Error> {
-    Ok(db.get(txn, key.as_bytes())?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0))
+/// The value of `key`, `None` when absent.
+fn get<'t>(txn: &'t impl Transaction, db: Database, key: &[u8]) -> Result<Option<&'t [u8]>, lmdb::Error> {
+    match txn.get(db, &key) {
+        Ok(v) => Ok(Some(v)),
+        Err(lmdb::Error::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes `key`; an absent key is not an error.
+fn del(txn: &mut lmdb::RwTransaction, db: Database, key: &[u8]) -> Result<(), lmdb::Error> {
+    match txn.del(db, &key, None) {
+        Ok(()) | Err(lmdb::Error::NotFound) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn u64_at(db: Database, txn: &impl Transaction, key: &str) -> Result<u64, lmdb::Error> {
+    Ok(get(txn, db, key.as_bytes())?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0))
 }
 
 /// The command queue: a circular buffer of `capacity` slots in LMDB, with two counting semaphores
@@ -102,15 +123,15 @@ impl CommandQueue {
     pub fn create(path: &Path, capacity: u64) -> Result<Self, HostError> {
         remove_env_files(path);
         let h = open_env(path, true)?;
-        let lmdb = |e: heed::Error| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() };
-        let mut w = h.env.write_txn().map_err(lmdb)?;
-        h.db.put(&mut w, b"capacity", &capacity.to_le_bytes()).map_err(lmdb)?;
-        h.db.put(&mut w, b"head", &0u64.to_le_bytes()).map_err(lmdb)?;
-        h.db.put(&mut w, b"tail", &0u64.to_le_bytes()).map_err(lmdb)?;
+        let lmdb = |e: lmdb::Error| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() };
+        let mut w = h.env.begin_rw_txn().map_err(lmdb)?;
+        w.put(h.db, &b"capacity", &capacity.to_le_bytes(), WriteFlags::empty()).map_err(lmdb)?;
+        w.put(h.db, &b"head", &0u64.to_le_bytes(), WriteFlags::empty()).map_err(lmdb)?;
+        w.put(h.db, &b"tail", &0u64.to_le_bytes(), WriteFlags::empty()).map_err(lmdb)?;
         let (items, free) = sem_names(path, std::process::id());
         // Producers find the semaphores by these keys.
-        h.db.put(&mut w, b"sem:items", items.as_bytes()).map_err(lmdb)?;
-        h.db.put(&mut w, b"sem:free", free.as_bytes()).map_err(lmdb)?;
+        w.put(h.db, &b"sem:items", &items.as_bytes(), WriteFlags::empty()).map_err(lmdb)?;
+        w.put(h.db, &b"sem:free", &free.as_bytes(), WriteFlags::empty()).map_err(lmdb)?;
         let items = Semaphore::recreate(&items, 0)?;
         let free = Semaphore::recreate(&free, capacity as u32)?;
         w.commit().map_err(lmdb)?;
@@ -120,10 +141,11 @@ impl CommandQueue {
     /// Opens an existing queue as a producer.
     pub fn open(path: &Path) -> Result<Self, HostError> {
         let h = open_env(path, false)?;
-        let r = h.env.read_txn().map_err(|e| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() })?;
-        let capacity = u64_at(&h.db, &r, "capacity").unwrap_or(0);
+        let r =
+            h.env.begin_ro_txn().map_err(|e| HostError::Lmdb { path: path.to_path_buf(), message: e.to_string() })?;
+        let capacity = u64_at(h.db, &r, "capacity").unwrap_or(0);
         let name = |k: &str| -> Option<String> {
-            h.db.get(&r, k.as_bytes()).ok().flatten().and_then(|v| String::from_utf8(v.to_vec()).ok())
+            get(&r, h.db, k.as_bytes()).ok().flatten().and_then(|v| String::from_utf8(v.to_vec()).ok())
         };
         let names = name("sem:items").zip(name("sem:free"));
         drop(r);
@@ -136,7 +158,7 @@ impl CommandQueue {
         Ok(CommandQueue { path: path.to_path_buf(), h, items, free, capacity })
     }
 
-    fn lmdb(&self, e: heed::Error) -> HostError {
+    fn lmdb(&self, e: lmdb::Error) -> HostError {
         HostError::Lmdb { path: self.path.clone(), message: e.to_string() }
     }
 
@@ -149,11 +171,11 @@ impl CommandQueue {
         if !self.free.wait_timeout(timeout)? {
             return Err(HostError::QueueFull { capacity: self.capacity, waited: timeout });
         }
-        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
-        let tail = u64_at(&self.h.db, &w, "tail").map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.begin_rw_txn().map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(self.h.db, &w, "tail").map_err(|e| self.lmdb(e))?;
         let slot = format!("slot:{}", tail % self.capacity);
-        self.h.db.put(&mut w, slot.as_bytes(), bytes).map_err(|e| self.lmdb(e))?;
-        self.h.db.put(&mut w, b"tail", &(tail + 1).to_le_bytes()).map_err(|e| self.lmdb(e))?;
+        w.put(self.h.db, &slot.as_bytes(), &bytes, WriteFlags::empty()).map_err(|e| self.lmdb(e))?;
+        w.put(self.h.db, &b"tail", &(tail + 1).to_le_bytes(), WriteFlags::empty()).map_err(|e| self.lmdb(e))?;
         w.commit().map_err(|e| self.lmdb(e))?;
         self.items.post()
     }
@@ -163,18 +185,18 @@ impl CommandQueue {
     /// and its post loses nothing (its command is taken on the next wake-up).
     pub fn dequeue(&self, timeout: Duration) -> Result<Option<Vec<u8>>, HostError> {
         let woke = self.items.wait_timeout(timeout)?;
-        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
-        let head = u64_at(&self.h.db, &w, "head").map_err(|e| self.lmdb(e))?;
-        let tail = u64_at(&self.h.db, &w, "tail").map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.begin_rw_txn().map_err(|e| self.lmdb(e))?;
+        let head = u64_at(self.h.db, &w, "head").map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(self.h.db, &w, "tail").map_err(|e| self.lmdb(e))?;
         if head >= tail {
             return Ok(None);
         }
         // When `woke` is false the item has no token (its producer died before posting): take it.
         let _ = woke;
         let slot = format!("slot:{}", head % self.capacity);
-        let v = self.h.db.get(&w, slot.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()).unwrap_or_default();
-        self.h.db.delete(&mut w, slot.as_bytes()).map_err(|e| self.lmdb(e))?;
-        self.h.db.put(&mut w, b"head", &(head + 1).to_le_bytes()).map_err(|e| self.lmdb(e))?;
+        let v = get(&w, self.h.db, slot.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()).unwrap_or_default();
+        del(&mut w, self.h.db, slot.as_bytes()).map_err(|e| self.lmdb(e))?;
+        w.put(self.h.db, &b"head", &(head + 1).to_le_bytes(), WriteFlags::empty()).map_err(|e| self.lmdb(e))?;
         w.commit().map_err(|e| self.lmdb(e))?;
         self.free.post()?;
         Ok(Some(v))
@@ -182,9 +204,9 @@ impl CommandQueue {
 
     /// Commands waiting.
     pub fn len(&self) -> Result<u64, HostError> {
-        let r = self.h.env.read_txn().map_err(|e| self.lmdb(e))?;
-        let head = u64_at(&self.h.db, &r, "head").map_err(|e| self.lmdb(e))?;
-        let tail = u64_at(&self.h.db, &r, "tail").map_err(|e| self.lmdb(e))?;
+        let r = self.h.env.begin_ro_txn().map_err(|e| self.lmdb(e))?;
+        let head = u64_at(self.h.db, &r, "head").map_err(|e| self.lmdb(e))?;
+        let tail = u64_at(self.h.db, &r, "tail").map_err(|e| self.lmdb(e))?;
         Ok(tail - head)
     }
 
@@ -220,39 +242,43 @@ impl StateStore {
         Ok(StateStore { path: path.to_path_buf(), h: open_env(path, false)? })
     }
 
-    fn lmdb(&self, e: heed::Error) -> HostError {
+    fn lmdb(&self, e: lmdb::Error) -> HostError {
         HostError::Lmdb { path: self.path.clone(), message: e.to_string() }
     }
 
     pub fn put(&self, key: &str, value: &[u8]) -> Result<(), HostError> {
-        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
-        self.h.db.put(&mut w, key.as_bytes(), value).map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.begin_rw_txn().map_err(|e| self.lmdb(e))?;
+        w.put(self.h.db, &key.as_bytes(), &value, WriteFlags::empty()).map_err(|e| self.lmdb(e))?;
         w.commit().map_err(|e| self.lmdb(e))
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, HostError> {
-        let r = self.h.env.read_txn().map_err(|e| self.lmdb(e))?;
-        Ok(self.h.db.get(&r, key.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()))
+        let r = self.h.env.begin_ro_txn().map_err(|e| self.lmdb(e))?;
+        Ok(get(&r, self.h.db, key.as_bytes()).map_err(|e| self.lmdb(e))?.map(|v| v.to_vec()))
     }
 
     pub fn delete(&self, key: &str) -> Result<(), HostError> {
-        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
-        self.h.db.delete(&mut w, key.as_bytes()).map_err(|e| self.lmdb(e))?;
+        let mut w = self.h.env.begin_rw_txn().map_err(|e| self.lmdb(e))?;
+        del(&mut w, self.h.db, key.as_bytes()).map_err(|e| self.lmdb(e))?;
         w.commit().map_err(|e| self.lmdb(e))
     }
 
     /// Deletes every key starting with `prefix`.
     pub fn delete_prefix(&self, prefix: &str) -> Result<(), HostError> {
-        let mut w = self.h.env.write_txn().map_err(|e| self.lmdb(e))?;
-        let keys: Vec<Vec<u8>> = self
-            .h
-            .db
-            .prefix_iter(&w, prefix.as_bytes())
-            .map_err(|e| self.lmdb(e))?
-            .filter_map(|kv| kv.ok().map(|(k, _)| k.to_vec()))
-            .collect();
+        let mut w = self.h.env.begin_rw_txn().map_err(|e| self.lmdb(e))?;
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        {
+            let mut c = w.open_ro_cursor(self.h.db).map_err(|e| self.lmdb(e))?;
+            for kv in c.iter_from(prefix.as_bytes()) {
+                let (k, _) = kv.map_err(|e| self.lmdb(e))?;
+                if !k.starts_with(prefix.as_bytes()) {
+                    break;
+                }
+                keys.push(k.to_vec());
+            }
+        }
         for k in keys {
-            self.h.db.delete(&mut w, &k).map_err(|e| self.lmdb(e))?;
+            del(&mut w, self.h.db, &k).map_err(|e| self.lmdb(e))?;
         }
         w.commit().map_err(|e| self.lmdb(e))
     }
