@@ -97,7 +97,9 @@ impl Session {
 #[derive(Debug)]
 pub struct Sessions {
     path: PathBuf,
-    open: Mutex<HashMap<String, Arc<Session>>>,
+    /// Shared with the connections' threads, which never hold the `Sessions` itself: the socket
+    /// file goes when its owner drops it, not later on another thread.
+    open: Arc<Mutex<HashMap<String, Arc<Session>>>>,
 }
 
 fn peer_cred(s: &UnixStream) -> std::io::Result<libc::ucred> {
@@ -146,7 +148,7 @@ impl Sessions {
         let listener = UnixListener::bind(path).map_err(|e| io("binding the session socket", e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| io("making the session socket private", e))?;
-        let me = Arc::new(Sessions { path: path.to_path_buf(), open: Mutex::new(HashMap::new()) });
+        let me = Arc::new(Sessions { path: path.to_path_buf(), open: Arc::default() });
         let weak = Arc::downgrade(&me);
         std::thread::Builder::new()
             .name("tb-sessions".into())
@@ -195,27 +197,17 @@ impl Sessions {
         self.open.lock().expect("sessions lock").insert(token.clone(), session.clone());
         let hello = Hello { version: SESSION_VERSION, token: Some(token.clone()), pid: Some(session.pid), error: None };
         if reply(&mut s, &hello).is_err() {
-            self.close(&token, &session);
+            close(&self.open, &token, &session);
             return;
         }
         tracing::debug!(pid = session.pid, "session opened");
-        let me = Arc::downgrade(self);
+        let open = self.open.clone();
         let _ = std::thread::Builder::new().name("tb-session".into()).spawn(move || {
             // The worker never writes: anything it sends is ignored; EOF or an error ends it.
             let mut buf = [0u8; 64];
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
-            if let Some(me) = me.upgrade() {
-                me.close(&token, &session);
-            } else {
-                session.open.store(false, Ordering::Release);
-            }
+            close(&open, &token, &session);
         });
-    }
-
-    fn close(&self, token: &str, session: &Session) {
-        session.open.store(false, Ordering::Release);
-        self.open.lock().expect("sessions lock").remove(token);
-        tracing::debug!(pid = session.pid, "session closed");
     }
 
     /// The open session a token was issued for.
@@ -226,6 +218,12 @@ impl Sessions {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+fn close(open: &Mutex<HashMap<String, Arc<Session>>>, token: &str, session: &Session) {
+    open.lock().expect("sessions lock").remove(token);
+    session.open.store(false, Ordering::Release);
+    tracing::debug!(pid = session.pid, "session closed");
 }
 
 impl Drop for Sessions {
