@@ -49,6 +49,20 @@ class Stranger:
     """The client of docs/protocol.md: queue, state store, session, completion semaphores."""
 
     def __init__(self, queue_path: str, state_path: str):
+        self.q = self.s = None
+        try:
+            self._open(queue_path, state_path)
+        except BaseException:
+            self.close()  # LMDB allows one open environment per path and process: release it
+            raise
+
+    def close(self):
+        for env in (self.q, self.s):
+            if env is not None:
+                env.close()
+        self.q = self.s = None
+
+    def _open(self, queue_path, state_path):
         self.q = lmdb.open(queue_path, subdir=False, lock=True, max_dbs=0, map_size=1 << 30)
         self.s = lmdb.open(state_path, subdir=False, lock=True, max_dbs=0, map_size=1 << 30, readonly=True)
         with self.q.begin() as t:
@@ -105,6 +119,9 @@ def test_a_client_from_the_docs_drives_a_live_agent(job_factory):
             hb = st.heartbeat()
             break
         except (lmdb.Error, TypeError, OSError, posix_ipc.ExistentialError):
+            if "st" in locals():
+                st.close()
+                del st
             assert time.time() < deadline, "agent 0 did not come up"
             time.sleep(0.05)
     assert hb["alive"] and hb["pid"] > 0
@@ -151,3 +168,4 @@ def test_a_client_from_the_docs_drives_a_live_agent(job_factory):
     recv.acquire(30.0)
     assert np.array_equal(dst, src)
     st.sock.close()
+    st.close()
